@@ -1,0 +1,613 @@
+# cython: language_level=3, freethreading_compatible=True
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# Compiled twin of _core_py.py: the same algorithm on C arrays, so a datagram
+# is parsed in the receive buffer and applied to the table with no Python
+# object, and both twins return identical results in identical order.
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.math cimport floor
+from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdio cimport snprintf
+from libc.string cimport memset
+
+from ._syscalls cimport (
+    AF_INET,
+    AF_INET6,
+    MSG_DONTWAIT,
+    MSG_TRUNC,
+    htons,
+    inet_pton,
+    iovec,
+    mmsghdr,
+    recvmmsg,
+    sendmmsg,
+    sockaddr_in,
+    sockaddr_in6,
+)
+
+import os
+
+from ._core_py import MAX_DATAGRAM as _PY_MAX_DATAGRAM
+from ._core_py import PID_MAX as _PY_PID_MAX
+from ._core_py import DrainCounts, _check_args, _check_pid, _wheel_size
+
+cdef enum:
+    MAX_DATAGRAM = 1024
+    # One recvmmsg/sendmmsg call moves up to BATCH datagrams: 64 keeps the
+    # receive buffers (64 x 1025 bytes) inside L2 while amortising the syscall.
+    BATCH = 64
+    RECV_SIZE = MAX_DATAGRAM + 1  # one spare byte tells an oversized datagram
+    SEND_SIZE = 48  # "2147483647;" + a %.3f timestamp fits easily
+    NONE = -1
+    EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
+
+cdef int32_t PID_MAX = 2147483647
+
+assert _PY_MAX_DATAGRAM == MAX_DATAGRAM and _PY_PID_MAX == PID_MAX
+
+
+ctypedef struct Slot:
+    double last      # last heartbeat (or add)
+    int32_t pid
+    int32_t next     # next slot in the same bucket, or NONE (free list link)
+    int32_t prev     # >= 0: previous slot; < 0: head of bucket -prev-1
+    int32_t wid      # index into the watcher name list
+
+ctypedef struct Entry:
+    int32_t pid      # EMPTY if free
+    int32_t slot
+
+
+cdef inline bint _utf8_valid(const unsigned char *s, Py_ssize_t n) noexcept nogil:
+    # Strict UTF-8 as bytes.decode() applies it: no overlongs, no surrogates,
+    # nothing past U+10FFFF.
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c, lo, hi
+    cdef int need, k
+    while i < n:
+        c = s[i]
+        if c < 0x80:
+            i += 1
+            continue
+        lo = 0x80
+        hi = 0xBF
+        if c < 0xC2:
+            return False
+        elif c < 0xE0:
+            need = 1
+        elif c < 0xF0:
+            need = 2
+            if c == 0xE0:
+                lo = 0xA0
+            elif c == 0xED:
+                hi = 0x9F
+        elif c < 0xF5:
+            need = 3
+            if c == 0xF0:
+                lo = 0x90
+            elif c == 0xF4:
+                hi = 0x8F
+        else:
+            return False
+        if i + need >= n:  # truncated sequence
+            return False
+        if s[i + 1] < lo or s[i + 1] > hi:
+            return False
+        for k in range(2, need + 1):
+            if s[i + k] < 0x80 or s[i + k] > 0xBF:
+                return False
+        i += need + 1
+    return True
+
+
+cdef inline int32_t _parse(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    # The rules of _core_py.parse_heartbeat; returns 0 for "not a heartbeat".
+    cdef Py_ssize_t i, semi = -1
+    cdef unsigned char c, seen = 0
+    cdef int64_t pid = 0
+    if n == 0 or n > MAX_DATAGRAM:
+        return 0
+    if p[n - 1] == c'\n':
+        n -= 1
+    for i in range(n):
+        c = p[i]
+        if c == c'\n':
+            return 0
+        if c == c';':
+            semi = i
+        seen |= c
+    if semi <= 0 or semi > 10 or p[0] == c'0':
+        return 0
+    for i in range(semi):
+        c = p[i]
+        if c < c'0' or c > c'9':
+            return 0
+        pid = pid * 10 + (c - c'0')
+    if pid > PID_MAX:
+        return 0
+    if seen & 0x80 and not _utf8_valid(p + semi + 1, n - semi - 1):
+        return 0
+    return <int32_t>pid
+
+
+def parse_heartbeat(data):
+    """Return the pid of a default-format ``PID;TIMESTAMP`` heartbeat, else None."""
+    cdef bytes b = data if type(data) is bytes else bytes(data)
+    cdef int32_t pid = _parse(<const unsigned char *>PyBytes_AS_STRING(b),
+                              PyBytes_GET_SIZE(b))
+    return pid if pid else None
+
+
+cdef inline uint32_t _hash(int32_t pid, int bits) noexcept nogil:
+    # Fibonacci hashing: pids are dense and sequential, the multiply spreads them.
+    return (<uint32_t>pid * <uint32_t>2654435769u) >> (32 - bits)
+
+
+cdef class HeartbeatTable:
+    """Last heartbeat of every monitored pid, with a timing wheel for expiry."""
+
+    cdef double _timeout, _tick
+    cdef Slot *_slots
+    cdef int32_t _nslots, _cap, _free, _count
+    cdef Entry *_entries
+    cdef int _bits
+    cdef int32_t *_heads
+    cdef int64_t _mask, _next_tick
+    cdef bint _started
+    cdef list _watchers
+    cdef dict _watcher_ids
+    cdef unsigned char *_rbuf
+    cdef mmsghdr *_msgs
+    cdef iovec *_iov
+
+    def __cinit__(self, timeout, tick):
+        self._slots = NULL
+        self._entries = NULL
+        self._heads = NULL
+        self._rbuf = NULL
+        self._msgs = NULL
+        self._iov = NULL
+
+    def __init__(self, timeout, tick):
+        cdef int64_t size, i
+        self._timeout, self._tick = _check_args(timeout, tick)
+        size = _wheel_size(self._timeout, self._tick)
+        self._mask = size - 1
+        self._heads = <int32_t *>PyMem_RawMalloc(size * sizeof(int32_t))
+        self._bits = 4
+        self._entries = <Entry *>PyMem_RawMalloc((1 << self._bits) * sizeof(Entry))
+        self._cap = 16
+        self._slots = <Slot *>PyMem_RawMalloc(self._cap * sizeof(Slot))
+        self._rbuf = <unsigned char *>PyMem_RawMalloc(BATCH * RECV_SIZE)
+        self._msgs = <mmsghdr *>PyMem_RawMalloc(BATCH * sizeof(mmsghdr))
+        self._iov = <iovec *>PyMem_RawMalloc(BATCH * sizeof(iovec))
+        if (self._heads == NULL or self._entries == NULL or self._slots == NULL
+                or self._rbuf == NULL or self._msgs == NULL or self._iov == NULL):
+            raise MemoryError()
+        for i in range(size):
+            self._heads[i] = NONE
+        memset(self._entries, 0, (1 << self._bits) * sizeof(Entry))
+        memset(self._msgs, 0, BATCH * sizeof(mmsghdr))
+        for i in range(BATCH):
+            self._iov[i].iov_base = self._rbuf + i * RECV_SIZE
+            self._iov[i].iov_len = RECV_SIZE
+            self._msgs[i].msg_hdr.msg_iov = &self._iov[i]
+            self._msgs[i].msg_hdr.msg_iovlen = 1
+        self._nslots = 0
+        self._free = NONE
+        self._count = 0
+        self._next_tick = 0
+        self._started = False
+        self._watchers = []
+        self._watcher_ids = {}
+
+    def __dealloc__(self):
+        PyMem_RawFree(self._slots)
+        PyMem_RawFree(self._entries)
+        PyMem_RawFree(self._heads)
+        PyMem_RawFree(self._rbuf)
+        PyMem_RawFree(self._msgs)
+        PyMem_RawFree(self._iov)
+
+    @property
+    def timeout(self):
+        """Seconds of silence after which a pid expires."""
+        return self._timeout
+
+    @property
+    def tick(self):
+        """Granularity of the timing wheel, in seconds."""
+        return self._tick
+
+    def __len__(self):
+        return self._count
+
+    def __contains__(self, pid):
+        if type(pid) is not int or not 1 <= pid <= PID_MAX:
+            return False
+        return self._find(pid) != NONE
+
+    def pids(self):
+        """The monitored pids, in no particular order."""
+        cdef int32_t i
+        return [self._entries[i].pid for i in range(1 << self._bits)
+                if self._entries[i].pid != EMPTY]
+
+    def watcher_of(self, pid):
+        """Name of the watcher that owns ``pid``; KeyError if not monitored."""
+        return self._watchers[self._slots[self._slot_of(pid)].wid]
+
+    def last_seen(self, pid):
+        """Time of the last heartbeat (or add) of ``pid``; KeyError if unknown."""
+        return self._slots[self._slot_of(pid)].last
+
+    # -- the pid -> slot hash (linear probing, backward-shift deletion) ------
+
+    cdef inline int32_t _find(self, int32_t pid) noexcept nogil:
+        cdef uint32_t mask = (1u << self._bits) - 1
+        cdef uint32_t i = _hash(pid, self._bits)
+        while True:
+            if self._entries[i].pid == pid:
+                return self._entries[i].slot
+            if self._entries[i].pid == EMPTY:
+                return NONE
+            i = (i + 1) & mask
+
+    cdef int32_t _slot_of(self, pid) except -2:
+        cdef int32_t slot = NONE
+        if type(pid) is int and 1 <= pid <= PID_MAX:
+            slot = self._find(pid)
+        if slot == NONE:
+            raise KeyError(pid)
+        return slot
+
+    cdef inline void _insert(self, int32_t pid, int32_t slot) noexcept nogil:
+        cdef uint32_t mask = (1u << self._bits) - 1
+        cdef uint32_t i = _hash(pid, self._bits)
+        while self._entries[i].pid != EMPTY:
+            i = (i + 1) & mask
+        self._entries[i].pid = pid
+        self._entries[i].slot = slot
+
+    cdef int _grow_hash(self) except -1:
+        cdef Entry *old = self._entries
+        cdef uint32_t n = 1u << self._bits, i
+        cdef Entry *new = <Entry *>PyMem_RawMalloc(2 * n * sizeof(Entry))
+        if new == NULL:
+            raise MemoryError()
+        memset(new, 0, 2 * n * sizeof(Entry))
+        self._entries = new
+        self._bits += 1
+        for i in range(n):
+            if old[i].pid != EMPTY:
+                self._insert(old[i].pid, old[i].slot)
+        PyMem_RawFree(old)
+        return 0
+
+    cdef inline void _erase(self, int32_t pid) noexcept nogil:
+        cdef uint32_t mask = (1u << self._bits) - 1
+        cdef uint32_t i = _hash(pid, self._bits), j, k
+        while self._entries[i].pid != pid:
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self._entries[j].pid == EMPTY:
+                break
+            k = _hash(self._entries[j].pid, self._bits)
+            # Entry j may stay if its home k lies cyclically in (i, j].
+            if (k > i and k <= j) if i <= j else (k > i or k <= j):
+                continue
+            self._entries[i] = self._entries[j]
+            i = j
+        self._entries[i].pid = EMPTY
+
+    # -- the wheel ------------------------------------------------------------
+
+    cdef inline int64_t _tick_of(self, double t) noexcept nogil:
+        return <int64_t>floor(t / self._tick)
+
+    cdef inline void _start(self, double now) noexcept nogil:
+        if not self._started:
+            self._started = True
+            self._next_tick = self._tick_of(now)
+
+    cdef inline void _file(self, int32_t slot, double deadline) noexcept nogil:
+        cdef int64_t t = self._tick_of(deadline)
+        if t < self._next_tick:
+            t = self._next_tick
+        cdef int32_t b = <int32_t>(t & self._mask)
+        cdef int32_t head = self._heads[b]
+        self._slots[slot].next = head
+        self._slots[slot].prev = -b - 1
+        if head != NONE:
+            self._slots[head].prev = slot
+        self._heads[b] = slot
+
+    cdef inline void _unlink(self, int32_t slot) noexcept nogil:
+        cdef int32_t p = self._slots[slot].prev, n = self._slots[slot].next
+        if p >= 0:
+            self._slots[p].next = n
+        else:
+            self._heads[-p - 1] = n
+        if n != NONE:
+            self._slots[n].prev = p
+
+    cdef inline void _release(self, int32_t slot) noexcept nogil:
+        self._erase(self._slots[slot].pid)
+        self._slots[slot].next = self._free
+        self._free = slot
+        self._count -= 1
+
+    # -- monitoring -----------------------------------------------------------
+
+    def add(self, pid, str watcher, double now):
+        """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline."""
+        cdef int32_t slot, p
+        cdef Slot *grown
+        _check_pid(pid)
+        p = pid
+        wid = self._watcher_ids.get(watcher)
+        if wid is None:
+            wid = self._watcher_ids[watcher] = len(self._watchers)
+            self._watchers.append(watcher)
+        self._start(now)
+        slot = self._find(p)
+        if slot != NONE:
+            self._unlink(slot)
+        else:
+            if 2 * (self._count + 1) > (1 << self._bits):
+                self._grow_hash()
+            if self._free != NONE:
+                slot = self._free
+                self._free = self._slots[slot].next
+            else:
+                if self._nslots == self._cap:
+                    grown = <Slot *>PyMem_RawRealloc(
+                        self._slots, 2 * self._cap * sizeof(Slot))
+                    if grown == NULL:
+                        raise MemoryError()
+                    self._slots = grown
+                    self._cap *= 2
+                slot = self._nslots
+                self._nslots += 1
+            self._insert(p, slot)
+            self._count += 1
+        self._slots[slot].pid = p
+        self._slots[slot].wid = wid
+        self._slots[slot].last = now
+        self._file(slot, now + self._timeout)
+
+    def remove(self, pid):
+        """Stop monitoring ``pid``; False if it was not monitored."""
+        cdef int32_t slot
+        if type(pid) is not int or not 1 <= pid <= PID_MAX:
+            return False
+        slot = self._find(pid)
+        if slot == NONE:
+            return False
+        self._unlink(slot)
+        self._release(slot)
+        return True
+
+    def beat(self, pid, double now):
+        """Record a heartbeat; False (and nothing created) for an unknown pid."""
+        cdef int32_t slot
+        if type(pid) is not int or not 1 <= pid <= PID_MAX:
+            return False
+        slot = self._find(pid)
+        if slot == NONE:
+            return False
+        if now > self._slots[slot].last:
+            self._slots[slot].last = now
+        return True
+
+    def expire(self, double now):
+        """Remove and return ``(pid, watcher)`` of every pid silent for longer
+        than ``timeout`` at ``now``."""
+        cdef int64_t now_tick, span, i
+        cdef int32_t b, slot, following
+        cdef double deadline
+        cdef list out = []
+        self._start(now)
+        now_tick = self._tick_of(now)
+        if now_tick < self._next_tick:
+            now_tick = self._next_tick
+        span = now_tick - self._next_tick + 1
+        if span > self._mask + 1:
+            span = self._mask + 1
+        for i in range(span):
+            b = <int32_t>((self._next_tick + i) & self._mask)
+            slot = self._heads[b]
+            self._heads[b] = NONE  # detach: re-filing into b is not walked again
+            while slot != NONE:
+                following = self._slots[slot].next
+                deadline = self._slots[slot].last + self._timeout
+                if deadline < now:
+                    out.append((self._slots[slot].pid,
+                                self._watchers[self._slots[slot].wid]))
+                    self._release(slot)
+                else:
+                    self._file(slot, deadline)
+                slot = following
+        self._next_tick = now_tick  # the current tick is walked again next time
+        return out
+
+    # -- sockets --------------------------------------------------------------
+
+    cdef int _recv(self, int fd, int want) except -2:
+        # recvmmsg(2) without MSG_WAITFORONE/timeout: returns what is queued,
+        # up to `want`, or -1 with EAGAIN when nothing is.
+        cdef int n, i
+        for i in range(want):
+            self._msgs[i].msg_hdr.msg_flags = 0
+        while True:
+            n = recvmmsg(fd, self._msgs, want, MSG_DONTWAIT, NULL)
+            if n >= 0:
+                return n
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return 0
+            raise OSError(errno, os.strerror(errno))
+
+    def drain(self, sock, double now, int budget):
+        """Read up to ``budget`` waiting datagrams and apply their heartbeats."""
+        cdef int fd = sock if type(sock) is int else sock.fileno()
+        cdef int64_t datagrams = 0, heartbeats = 0, unknown = 0, malformed = 0
+        cdef int n, i, want
+        cdef int32_t pid, slot
+        cdef unsigned int length
+        while datagrams < budget:
+            want = BATCH if budget - datagrams > BATCH else <int>(budget - datagrams)
+            n = self._recv(fd, want)
+            for i in range(n):
+                length = self._msgs[i].msg_len
+                if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                    pid = 0
+                else:
+                    pid = _parse(self._rbuf + i * RECV_SIZE, length)
+                if pid == 0:
+                    malformed += 1
+                    continue
+                slot = self._find(pid)
+                if slot == NONE:
+                    unknown += 1
+                    continue
+                heartbeats += 1
+                if now > self._slots[slot].last:
+                    self._slots[slot].last = now
+            datagrams += n
+            if n < want:
+                break
+        return DrainCounts(datagrams, heartbeats, unknown, malformed)
+
+    def drain_raw(self, sock, int budget):
+        """Read up to ``budget`` datagrams for a custom ``msg_regex``."""
+        cdef int fd = sock if type(sock) is int else sock.fileno()
+        cdef int n, i, want, got = 0
+        cdef list payloads = []
+        cdef int oversized = 0
+        cdef unsigned int length
+        while got < budget:
+            want = BATCH if budget - got > BATCH else budget - got
+            n = self._recv(fd, want)
+            for i in range(n):
+                length = self._msgs[i].msg_len
+                if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC or length > MAX_DATAGRAM:
+                    oversized += 1
+                else:
+                    payloads.append(PyBytes_FromStringAndSize(
+                        <char *>self._rbuf + i * RECV_SIZE, length))
+            got += n
+            if n < want:
+                break
+        return payloads, oversized
+
+
+cdef int _sockaddr(sock, addr, sockaddr_in6 *out, unsigned int *outlen) except -1:
+    # Numeric addresses only: loadgen resolves names before it floods.
+    cdef sockaddr_in *v4 = <sockaddr_in *>out
+    host, port = addr
+    cdef bytes h = host.encode("ascii")
+    memset(out, 0, sizeof(sockaddr_in6))
+    if sock.family == AF_INET:
+        v4.sin_family = AF_INET
+        v4.sin_port = htons(port)
+        if inet_pton(AF_INET, h, &v4.sin_addr) != 1:
+            raise ValueError(f"not a numeric IPv4 address: {host!r}")
+        outlen[0] = sizeof(sockaddr_in)
+    elif sock.family == AF_INET6:
+        out.sin6_family = AF_INET6
+        out.sin6_port = htons(port)
+        if inet_pton(AF_INET6, h, &out.sin6_addr) != 1:
+            raise ValueError(f"not a numeric IPv6 address: {host!r}")
+        outlen[0] = sizeof(sockaddr_in6)
+    else:
+        raise ValueError("addr is only for AF_INET and AF_INET6 sockets")
+    return 0
+
+
+cdef int _sendmmsg(int fd, mmsghdr *msgs, int n) except -1:
+    cdef int sent = 0, r
+    while sent < n:
+        r = sendmmsg(fd, msgs + sent, n - sent, MSG_DONTWAIT)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                break
+            raise OSError(errno, os.strerror(errno))
+        sent += r
+    return sent
+
+
+cdef class _Sender:
+    # Fixed buffers for one sendmmsg batch.
+    cdef mmsghdr msgs[BATCH]
+    cdef iovec iov[BATCH]
+    cdef char buf[BATCH * SEND_SIZE]
+    cdef sockaddr_in6 name
+    cdef unsigned int namelen
+
+    def __cinit__(self):
+        memset(self.msgs, 0, sizeof(self.msgs))
+        self.namelen = 0
+
+    cdef int prepare(self, sock, addr) except -1:
+        cdef int i
+        if addr is not None:
+            _sockaddr(sock, addr, &self.name, &self.namelen)
+        for i in range(BATCH):
+            self.msgs[i].msg_hdr.msg_iov = &self.iov[i]
+            self.msgs[i].msg_hdr.msg_iovlen = 1
+            self.msgs[i].msg_hdr.msg_name = &self.name if addr is not None else NULL
+            self.msgs[i].msg_hdr.msg_namelen = self.namelen if addr is not None else 0
+        return 0
+
+
+def send_heartbeats(sock, addr, pids, double timestamp=0.0):
+    """Send one ``PID;TIMESTAMP`` datagram per pid with ``sendmmsg``."""
+    cdef _Sender s = _Sender()
+    cdef int fd = sock.fileno()
+    cdef Py_ssize_t total = len(pids), done = 0, j
+    cdef int n, i, sent
+    cdef long long pid
+    s.prepare(sock, addr)
+    while done < total:
+        n = BATCH if total - done > BATCH else <int>(total - done)
+        for i in range(n):
+            pid = pids[done + i]
+            s.iov[i].iov_base = s.buf + i * SEND_SIZE
+            s.iov[i].iov_len = snprintf(s.buf + i * SEND_SIZE, SEND_SIZE,
+                                        b"%lld;%.3f", pid, timestamp)
+        sent = _sendmmsg(fd, s.msgs, n)
+        done += sent
+        if sent < n:
+            break
+    return done
+
+
+def send_datagrams(sock, addr, payloads):
+    """Send each payload as one datagram with ``sendmmsg``; returns the count sent."""
+    cdef _Sender s = _Sender()
+    cdef int fd = sock.fileno()
+    cdef Py_ssize_t total = len(payloads), done = 0
+    cdef int n, i, sent
+    cdef bytes p
+    cdef list batch
+    s.prepare(sock, addr)
+    while done < total:
+        n = BATCH if total - done > BATCH else <int>(total - done)
+        batch = [bytes(payloads[done + i]) for i in range(n)]  # keeps buffers alive
+        for i in range(n):
+            p = batch[i]
+            s.iov[i].iov_base = PyBytes_AS_STRING(p)
+            s.iov[i].iov_len = PyBytes_GET_SIZE(p)
+        sent = _sendmmsg(fd, s.msgs, n)
+        done += sent
+        if sent < n:
+            break
+    return done

@@ -1,0 +1,343 @@
+"""Pure-Python twin of the compiled core: same API, same rules, same counters.
+
+This module is also the typing source of truth for ``_core_c.pyx``.
+
+The table is a pid -> slot dict plus parallel slot arrays, and a hashed timing
+wheel of doubly linked slot lists.  A beat only moves ``last_seen`` forward;
+the slot stays in the bucket it was filed in.  When that bucket comes due, the
+slot is checked against its real deadline and either expires or is re-filed in
+the bucket of its new deadline.  So a tick costs the slots filed in it, not the
+table size, and a beat never touches the wheel.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Sequence
+from typing import NamedTuple
+
+MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
+PID_MAX = 2**31 - 1  # pid_t is a signed 32-bit int on Linux and macOS
+_NONE = -1  # "no slot" in the linked lists
+
+
+class DrainCounts(NamedTuple):
+    """What one ``drain`` call read: every datagram lands in exactly one of the
+    last three fields."""
+
+    datagrams: int
+    heartbeats: int
+    unknown: int
+    malformed: int
+
+
+def parse_heartbeat(data: bytes) -> int | None:
+    """Return the pid of a default-format ``PID;TIMESTAMP`` heartbeat, else None.
+
+    The rules are those of the original plugin's ``^(?P<pid>.*);(?P<timestamp>.*)$``
+    on ``data.decode()``, narrowed to pids that can name a process: the pid is
+    everything before the last ``;`` and must be canonical decimal in
+    1..2**31-1; one trailing newline is allowed; at most 1024 bytes; the whole
+    datagram must be valid UTF-8.
+    """
+    n = len(data)
+    if n == 0 or n > MAX_DATAGRAM:
+        return None
+    if data[n - 1] == 0x0A:  # `$` matches before one final newline
+        data = data[: n - 1]
+    if b"\n" in data:  # `.` never matches a newline
+        return None
+    semi = data.rfind(b";")  # `.*` is greedy: the pid ends at the last `;`
+    if semi <= 0 or semi > 10 or data[0] == 0x30:  # empty, > 10 digits, 0-led
+        return None
+    head = data[:semi]
+    if not (head.isascii() and head.isdigit()):
+        return None
+    pid = int(head)
+    if pid > PID_MAX:
+        return None
+    tail = data[semi + 1 :]
+    if not tail.isascii():
+        try:
+            tail.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return pid
+
+
+def _check_args(timeout: float, tick: float) -> tuple[float, float]:
+    try:
+        timeout = float(timeout)
+    except (TypeError, ValueError):
+        raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+    try:
+        tick = float(tick)
+    except (TypeError, ValueError):
+        raise ValueError(f"tick must be a number of seconds, got {tick!r}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if not (math.isfinite(tick) and tick > 0):
+        raise ValueError(f"tick must be > 0 seconds, got {tick!r}")
+    if tick > timeout:
+        raise ValueError(f"tick must be <= timeout ({timeout!r}), got {tick!r}")
+    return timeout, tick
+
+
+def _wheel_size(timeout: float, tick: float) -> int:
+    # Enough buckets that a deadline (at most `timeout` ahead) never wraps
+    # onto the bucket being processed; a power of two so `& mask` picks one.
+    need = math.ceil(timeout / tick) + 2
+    return 1 << max(need - 1, 1).bit_length()
+
+
+def _check_pid(pid: int) -> int:
+    if not 1 <= pid <= PID_MAX:
+        raise ValueError(f"pid must be in 1..{PID_MAX}, got {pid!r}")
+    return pid
+
+
+class HeartbeatTable:
+    """Last heartbeat of every monitored pid, with a timing wheel for expiry."""
+
+    def __init__(self, timeout: float, tick: float) -> None:
+        self._timeout, self._tick = _check_args(timeout, tick)
+        size = _wheel_size(self._timeout, self._tick)
+        self._mask = size - 1
+        self._heads = [_NONE] * size
+        self._index: dict[int, int] = {}
+        self._pid: list[int] = []
+        self._last: list[float] = []
+        self._next: list[int] = []
+        self._prev: list[int] = []  # >= 0: slot; < 0: head of bucket -prev-1
+        self._wid: list[int] = []
+        self._free: list[int] = []
+        self._watchers: list[str] = []
+        self._watcher_ids: dict[str, int] = {}
+        self._next_tick = 0  # first tick not yet fully processed
+        self._started = False
+        self._buf = bytearray(MAX_DATAGRAM + 1)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds of silence after which a pid expires."""
+        return self._timeout
+
+    @property
+    def tick(self) -> float:
+        """Granularity of the timing wheel, in seconds."""
+        return self._tick
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._index
+
+    def pids(self) -> list[int]:
+        """The monitored pids, in no particular order."""
+        return list(self._index)
+
+    def watcher_of(self, pid: int) -> str:
+        """Name of the watcher that owns ``pid``; KeyError if not monitored."""
+        return self._watchers[self._wid[self._index[pid]]]
+
+    def last_seen(self, pid: int) -> float:
+        """Time of the last heartbeat (or add) of ``pid``; KeyError if unknown."""
+        return self._last[self._index[pid]]
+
+    # -- the wheel ---------------------------------------------------------
+
+    def _tick_of(self, t: float) -> int:
+        return math.floor(t / self._tick)
+
+    def _start(self, now: float) -> None:
+        if not self._started:
+            self._started = True
+            self._next_tick = self._tick_of(now)
+
+    def _file(self, slot: int, deadline: float) -> None:
+        t = max(self._tick_of(deadline), self._next_tick)
+        b = t & self._mask
+        head = self._heads[b]
+        self._next[slot] = head
+        self._prev[slot] = -b - 1
+        if head != _NONE:
+            self._prev[head] = slot
+        self._heads[b] = slot
+
+    def _unlink(self, slot: int) -> None:
+        p, n = self._prev[slot], self._next[slot]
+        if p >= 0:
+            self._next[p] = n
+        else:
+            self._heads[-p - 1] = n
+        if n != _NONE:
+            self._prev[n] = p
+
+    # -- monitoring --------------------------------------------------------
+
+    def add(self, pid: int, watcher: str, now: float) -> None:
+        """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline."""
+        _check_pid(pid)
+        wid = self._watcher_ids.get(watcher)
+        if wid is None:
+            wid = self._watcher_ids[watcher] = len(self._watchers)
+            self._watchers.append(watcher)
+        self._start(now)
+        slot = self._index.get(pid)
+        if slot is not None:
+            self._unlink(slot)
+        elif self._free:
+            slot = self._index[pid] = self._free.pop()
+        else:
+            slot = self._index[pid] = len(self._pid)
+            for column in (self._pid, self._next, self._prev, self._wid):
+                column.append(0)
+            self._last.append(0.0)
+        self._pid[slot] = pid
+        self._wid[slot] = wid
+        self._last[slot] = now
+        self._file(slot, now + self._timeout)
+
+    def remove(self, pid: int) -> bool:
+        """Stop monitoring ``pid``; False if it was not monitored."""
+        slot = self._index.pop(pid, None)
+        if slot is None:
+            return False
+        self._unlink(slot)
+        self._free.append(slot)
+        return True
+
+    def beat(self, pid: int, now: float) -> bool:
+        """Record a heartbeat; False (and nothing created) for an unknown pid."""
+        slot = self._index.get(pid)
+        if slot is None:
+            return False
+        if now > self._last[slot]:
+            self._last[slot] = now
+        return True
+
+    def expire(self, now: float) -> list[tuple[int, str]]:
+        """Remove and return ``(pid, watcher)`` of every pid silent for longer
+        than ``timeout`` at ``now``.
+
+        Costs the buckets of the ticks elapsed since the last call (at most one
+        turn of the wheel) and the slots filed in them.
+        """
+        self._start(now)
+        now_tick = max(self._tick_of(now), self._next_tick)
+        span = min(now_tick - self._next_tick + 1, self._mask + 1)
+        heads, nxt, last, timeout = self._heads, self._next, self._last, self._timeout
+        out: list[tuple[int, str]] = []
+        for i in range(span):
+            b = (self._next_tick + i) & self._mask
+            slot = heads[b]
+            heads[b] = _NONE  # detach: re-filing into b must not be walked again
+            while slot != _NONE:
+                following = nxt[slot]
+                deadline = last[slot] + timeout
+                if deadline < now:
+                    pid = self._pid[slot]
+                    out.append((pid, self._watchers[self._wid[slot]]))
+                    del self._index[pid]
+                    self._free.append(slot)
+                else:
+                    self._file(slot, deadline)
+                slot = following
+        # The current tick is only partly over: it is walked again next time.
+        self._next_tick = now_tick
+        return out
+
+    # -- sockets -----------------------------------------------------------
+
+    def drain(self, sock: socket.socket, now: float, budget: int) -> DrainCounts:
+        """Read up to ``budget`` waiting datagrams and apply their heartbeats.
+
+        Never blocks and never raises for what a datagram contains; socket
+        errors other than "nothing to read" propagate as OSError.
+        """
+        buf = self._buf
+        index, last = self._index, self._last
+        datagrams = heartbeats = unknown = malformed = 0
+        recv_into = sock.recv_into
+        while datagrams < budget:
+            try:
+                n = recv_into(buf, MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            datagrams += 1
+            pid = parse_heartbeat(bytes(buf[:n])) if n <= MAX_DATAGRAM else None
+            if pid is None:
+                malformed += 1
+                continue
+            slot = index.get(pid)
+            if slot is None:
+                unknown += 1
+                continue
+            heartbeats += 1
+            if now > last[slot]:
+                last[slot] = now
+        return DrainCounts(datagrams, heartbeats, unknown, malformed)
+
+    def drain_raw(self, sock: socket.socket, budget: int) -> tuple[list[bytes], int]:
+        """Read up to ``budget`` datagrams for a custom ``msg_regex``.
+
+        Returns the payloads of at most 1024 bytes, and how many longer
+        datagrams were dropped.
+        """
+        buf = self._buf
+        payloads: list[bytes] = []
+        oversized = 0
+        recv_into = sock.recv_into
+        while len(payloads) + oversized < budget:
+            try:
+                n = recv_into(buf, MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if n > MAX_DATAGRAM:
+                oversized += 1
+            else:
+                payloads.append(bytes(buf[:n]))
+        return payloads, oversized
+
+
+def _sendto_all(
+    sock: socket.socket,
+    addr: tuple[str, int] | None,
+    payloads: Sequence[bytes],
+) -> int:
+    sent = 0
+    for payload in payloads:
+        try:
+            if addr is None:
+                sock.send(payload, socket.MSG_DONTWAIT)
+            else:
+                sock.sendto(payload, socket.MSG_DONTWAIT, addr)
+        except BlockingIOError:
+            break
+        sent += 1
+    return sent
+
+
+def send_heartbeats(
+    sock: socket.socket,
+    addr: tuple[str, int] | None,
+    pids: Sequence[int],
+    timestamp: float = 0.0,
+) -> int:
+    """Send one ``PID;TIMESTAMP`` datagram per pid (``sendmmsg`` when compiled).
+
+    ``addr`` None sends on a connected socket.  Returns how many were sent
+    before the socket buffer filled (never blocks).
+    """
+    return _sendto_all(sock, addr, [b"%d;%.3f" % (pid, timestamp) for pid in pids])
+
+
+def send_datagrams(
+    sock: socket.socket,
+    addr: tuple[str, int] | None,
+    payloads: Sequence[bytes],
+) -> int:
+    """Send each payload as one datagram; returns how many were sent."""
+    return _sendto_all(sock, addr, payloads)

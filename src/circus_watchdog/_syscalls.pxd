@@ -1,0 +1,56 @@
+# cython: language_level=3
+# Declarations of the Linux batch socket calls, recvmmsg(2) and sendmmsg(2).
+# pyconfig.h defines _GNU_SOURCE, which <sys/socket.h> needs for both.
+
+cdef extern from "<sys/types.h>":
+    ctypedef int socklen_t
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct sockaddr:
+        unsigned short sa_family
+    struct sockaddr_storage:
+        unsigned short ss_family
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    struct timespec:
+        pass
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags,
+                 timespec *timeout)
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    enum:
+        AF_INET
+        AF_INET6
+        MSG_DONTWAIT
+        MSG_TRUNC
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        in6_addr sin6_addr
+    unsigned short htons(unsigned short)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)

@@ -1,0 +1,19 @@
+"""Public home of the heartbeat core: ``from circus_watchdog.core import ...``."""
+
+from ._core import (
+    DrainCounts,
+    HeartbeatTable,
+    compiled,
+    parse_heartbeat,
+    send_datagrams,
+    send_heartbeats,
+)
+
+__all__ = (
+    "DrainCounts",
+    "HeartbeatTable",
+    "compiled",
+    "parse_heartbeat",
+    "send_datagrams",
+    "send_heartbeats",
+)
