@@ -4,7 +4,11 @@
 # is parsed in the receive buffer and applied to the table with no Python
 # object, and both twins return identical results in identical order.
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.math cimport floor
@@ -449,7 +453,7 @@ cdef class HeartbeatTable:
                 return n
             if errno == EINTR:
                 continue
-            if errno == EAGAIN:
+            if errno == EAGAIN:  # == EWOULDBLOCK on Linux: nothing queued
                 return 0
             raise OSError(errno, os.strerror(errno))
 
@@ -572,7 +576,7 @@ def send_heartbeats(sock, addr, pids, double timestamp=0.0):
     """Send one ``PID;TIMESTAMP`` datagram per pid with ``sendmmsg``."""
     cdef _Sender s = _Sender()
     cdef int fd = sock.fileno()
-    cdef Py_ssize_t total = len(pids), done = 0, j
+    cdef Py_ssize_t total = len(pids), done = 0
     cdef int n, i, sent
     cdef long long pid
     s.prepare(sock, addr)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
@@ -41,6 +42,8 @@ def parse_heartbeat(data: bytes) -> int | None:
     1..2**31-1; one trailing newline is allowed; at most 1024 bytes; the whole
     datagram must be valid UTF-8.
     """
+    if type(data) is not bytes:
+        data = bytes(data)
     n = len(data)
     if n == 0 or n > MAX_DATAGRAM:
         return None
@@ -70,11 +73,13 @@ def _check_args(timeout: float, tick: float) -> tuple[float, float]:
     try:
         timeout = float(timeout)
     except (TypeError, ValueError):
-        raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+        raise ValueError(
+            f"timeout must be a number of seconds, got {timeout!r}"
+        ) from None
     try:
         tick = float(tick)
     except (TypeError, ValueError):
-        raise ValueError(f"tick must be a number of seconds, got {tick!r}")
+        raise ValueError(f"tick must be a number of seconds, got {tick!r}") from None
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if not (math.isfinite(tick) and tick > 0):
@@ -251,12 +256,17 @@ class HeartbeatTable:
 
     # -- sockets -----------------------------------------------------------
 
-    def drain(self, sock: socket.socket, now: float, budget: int) -> DrainCounts:
+    def drain(self, sock: socket.socket | int, now: float, budget: int) -> DrainCounts:
         """Read up to ``budget`` waiting datagrams and apply their heartbeats.
 
-        Never blocks and never raises for what a datagram contains; socket
-        errors other than "nothing to read" propagate as OSError.
+        ``sock`` is a socket or its file descriptor, blocking or not, but with
+        no timeout set (Python would wait for it).  Never blocks and never
+        raises for what a datagram contains; socket errors other than "nothing
+        to read" propagate as OSError.
         """
+        if isinstance(sock, int):
+            with _borrowed(sock) as borrowed:
+                return self.drain(borrowed, now, budget)
         buf = self._buf
         index, last = self._index, self._last
         datagrams = heartbeats = unknown = malformed = 0
@@ -280,12 +290,17 @@ class HeartbeatTable:
                 last[slot] = now
         return DrainCounts(datagrams, heartbeats, unknown, malformed)
 
-    def drain_raw(self, sock: socket.socket, budget: int) -> tuple[list[bytes], int]:
+    def drain_raw(
+        self, sock: socket.socket | int, budget: int
+    ) -> tuple[list[bytes], int]:
         """Read up to ``budget`` datagrams for a custom ``msg_regex``.
 
         Returns the payloads of at most 1024 bytes, and how many longer
         datagrams were dropped.
         """
+        if isinstance(sock, int):
+            with _borrowed(sock) as borrowed:
+                return self.drain_raw(borrowed, budget)
         buf = self._buf
         payloads: list[bytes] = []
         oversized = 0
@@ -300,6 +315,17 @@ class HeartbeatTable:
             else:
                 payloads.append(bytes(buf[:n]))
         return payloads, oversized
+
+
+@contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket]:
+    # A socket object over someone else's descriptor, detached (not closed)
+    # when done.
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
 
 
 def _sendto_all(

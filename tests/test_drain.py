@@ -1,0 +1,151 @@
+"""drain / drain_raw over real UDP sockets on 127.0.0.1, and the senders."""
+
+from __future__ import annotations
+
+import socket
+import tracemalloc
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+RCVBUF = 8 * 1024 * 1024
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket, tuple[str, int]]]:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RCVBUF)
+    try:
+        yield rx, tx, rx.getsockname()
+    finally:
+        rx.close()
+        tx.close()
+
+
+def send_all(tx: socket.socket, addr: tuple[str, int], payloads: list[bytes]) -> None:
+    for p in payloads:
+        tx.sendto(p, addr)
+
+
+def test_drain_counts_every_kind(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    table = core.HeartbeatTable(3.0, 0.1)
+    for pid in range(1, 101):
+        table.add(pid, "w", 0.0)
+    payloads = []
+    for i in range(300):  # several recvmmsg batches of 64
+        payloads.append(b"%d;1764310000.123" % (i % 100 + 1))
+    payloads += [b"%d;1" % pid for pid in range(5000, 5150)]  # unknown
+    payloads += [b"garbage", b"", b"-1;1", b"0;1", b"12;" + b"x" * 3000]  # malformed
+    payloads += [b"12;" + b"x" * 1022]  # 1025 bytes: malformed
+    send_all(tx, addr, payloads)
+    counts = table.drain(rx, 5.0, 10_000)
+    assert counts == core.DrainCounts(len(payloads), 300, 150, 6)
+    assert counts.datagrams == counts.heartbeats + counts.unknown + counts.malformed
+    assert all(table.last_seen(pid) == 5.0 for pid in range(1, 101))
+    assert len(table) == 100
+    assert table.drain(rx, 6.0, 10_000) == (0, 0, 0, 0)  # empty: returns at once
+
+
+def test_drain_respects_budget(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(7, "w", 0.0)
+    send_all(tx, addr, [b"7;1"] * 500)
+    assert table.drain(rx, 1.0, 130).datagrams == 130
+    assert table.drain(rx, 1.0, 1).datagrams == 1
+    assert table.drain(rx, 1.0, 1000).datagrams == 369
+
+
+def test_drain_accepts_fd_and_blocking_socket(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    assert rx.getblocking()  # MSG_DONTWAIT: a blocking socket never blocks drain
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(7, "w", 0.0)
+    assert table.drain(rx, 1.0, 10).datagrams == 0
+    send_all(tx, addr, [b"7;1"])
+    assert table.drain(rx.fileno(), 2.0, 10).heartbeats == 1
+
+
+def test_drain_raw(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    table = core.HeartbeatTable(3.0, 0.1)
+    payloads = [b"pid=%d ts=1" % i for i in range(200)] + [b"y" * 1500, b""]
+    send_all(tx, addr, payloads)
+    got, oversized = table.drain_raw(rx, 150)
+    assert got == payloads[:150] and oversized == 0
+    got, oversized = table.drain_raw(rx, 150)
+    assert got == payloads[150:200] + [b""] and oversized == 1
+
+
+def test_unknown_pid_flood_changes_nothing(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    table = core.HeartbeatTable(3.0, 0.1)
+    for pid in range(1, 11):
+        table.add(pid, "w", 0.0)
+    before = sorted(table.pids())
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        unknown = 0
+        for chunk in range(100):  # 100 x 2000 forged pids, drained as they come
+            base = 1_000_000 + chunk * 2000
+            core.send_heartbeats(tx, addr, list(range(base, base + 2000)))
+            unknown += table.drain(rx, 1.0, 100_000).unknown
+        end, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert unknown > 150_000  # loopback may drop a few under load; most arrive
+    assert sorted(table.pids()) == before
+    assert end - start < 64 * 1024  # nothing kept per forged pid
+
+
+def test_send_heartbeats(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    assert core.send_heartbeats(tx, addr, [1, 22, 2**31 - 1], 1764310000.5) == 3
+    rx.settimeout(2)
+    got = [rx.recv(2048) for _ in range(3)]
+    assert got == [
+        b"1;1764310000.500",
+        b"22;1764310000.500",
+        b"2147483647;1764310000.500",
+    ]
+    assert core.send_datagrams(tx, addr, [b"a", b"", bytearray(b"ccc")]) == 3
+    assert [rx.recv(2048) for _ in range(3)] == [b"a", b"", b"ccc"]
+    rx.settimeout(None)  # drain wants no timeout: the pure core would wait
+    tx.connect(addr)
+    assert core.send_heartbeats(tx, None, list(range(1, 201))) == 200
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(200, "w", 0.0)
+    assert table.drain(rx, 1.0, 1000) == (200, 1, 199, 0)
+
+
+def test_send_ipv6_loopback(core: ModuleType) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        rx.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 here")
+    with rx, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as tx:
+        port = rx.getsockname()[1]
+        assert core.send_heartbeats(tx, ("::1", port), [42]) == 1
+        rx.settimeout(2)
+        assert rx.recv(100) == b"42;0.000"
