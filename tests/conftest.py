@@ -88,3 +88,24 @@ def table_cls(core: ModuleType) -> type:
 @pytest.fixture(scope="session")
 def parse_heartbeat(core: ModuleType):  # type: ignore[no-untyped-def]
     return core.parse_heartbeat
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_factory(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A new-event-loop factory: asyncio's default loop, then uvloop's."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    import asyncio
+
+    return asyncio.new_event_loop
+
+
+@pytest.fixture
+def circusd_factory(tmp_path):  # type: ignore[no-untyped-def]
+    """``start(sections, **kw) -> Circusd``; every circusd is stopped at teardown."""
+    from support import circusd_pool
+
+    with circusd_pool(tmp_path) as start:
+        yield start

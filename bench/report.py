@@ -1,0 +1,148 @@
+"""The end-of-session summary: per-operation figures, ratios and the targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from support import SIZES
+
+IMPLS = ("c", "py", "original")
+RECEIVERS = ("floor", "c", "py", "original")
+
+
+@dataclass
+class Results:
+    """Figures recorded by the benchmarks, keyed by (group, implementation)."""
+
+    rows: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, group: str, impl: str, **values: Any) -> None:
+        self.rows.setdefault((group, impl), {}).update(values)
+
+    def get(self, group: str, impl: str, key: str = "op") -> Any:
+        return self.rows.get((group, impl), {}).get(key)
+
+
+def per_op(benchmark: Any, ops: int) -> float | None:
+    """Mean seconds of one operation, or None when benchmarks are disabled."""
+    if benchmark.stats is None:
+        return None
+    return float(benchmark.stats.stats.mean) / ops
+
+
+def _num(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value * scale:,.3g}"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    return "-" if not num or not den else f"{num / den:.3g}x"
+
+
+def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(
+        f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths)
+    )
+    return [title, "  " + fmt.format(*head), *("  " + fmt.format(*r) for r in rows)]
+
+
+def format_summary(res: Results) -> list[str]:
+    """Text lines for whatever ran; targets are checked on the compiled core."""
+    get = res.get
+    out: list[str] = []
+    targets: list[tuple[str, bool | None, str]] = []
+
+    def has(group: str, impls: tuple[str, ...] = IMPLS, key: str = "op") -> bool:
+        return any(get(group, i, key) is not None for i in impls)
+
+    for group, what in (("parse", "ns per heartbeat"), ("beat", "ns per beat")):
+        if not has(group):
+            continue
+        c, py, orig = (get(group, i) for i in IMPLS)
+        out += _table(
+            f"{group} ({what}):",
+            ["", *IMPLS, "original/c", "original/py"],
+            [
+                [
+                    "",
+                    *(_num(v, 1e9) for v in (c, py, orig)),
+                    _ratio(orig, c),
+                    _ratio(orig, py),
+                ]
+            ],
+        )
+        if group == "parse":
+            ok = None if not c or not orig else orig / c >= 20
+            targets.append(("parse >= 20x the original", ok, _ratio(orig, c)))
+
+    for kind, title in (("steady", "steady state"), ("nothing-filed", "nothing filed")):
+        groups = {size: f"tick-{kind}-{size}" for size in SIZES}
+        if not any(has(g) for g in groups.values()):
+            continue
+        rows = []
+        for size, g in groups.items():
+            c, py, orig = (get(g, i) for i in IMPLS)
+            rows.append(
+                [
+                    size,
+                    *(_num(v, 1e6) for v in (c, py, orig)),
+                    _ratio(py, c),
+                    _ratio(orig, c),
+                ]
+            )
+        out += _table(
+            f"tick, {title} (us per tick; original = one look_after sweep):",
+            ["pids", *IMPLS, "py/c", "original/c"],
+            rows,
+        )
+        c1k, c1m = get(groups["1k"], "c"), get(groups["1M"], "c")
+        if kind == "steady":
+            ok = None if c1m is None else c1m < 1e-3
+            targets.append(
+                ("steady tick at 1M pids < 1 ms (c)", ok, f"{_num(c1m, 1e3)} ms")
+            )
+        else:
+            # Flat: under 2x from 1k to 1M pids, where a sweep grows 1000x.
+            ok = None if not c1k or not c1m else c1m / c1k < 2
+            targets.append(
+                ("no-filed tick flat 1k..1M (c)", ok, f"1M/1k = {_ratio(c1m, c1k)}")
+            )
+
+    if has("memory", key="bytes_per_pid"):
+        npids = next(
+            get("memory", i, "npids") for i in IMPLS if get("memory", i, "npids")
+        )
+        vals = [get("memory", i, "bytes_per_pid") for i in IMPLS]
+        out += _table(
+            f"memory (bytes per monitored pid, {npids:,} pids, tracemalloc):",
+            ["", *IMPLS, "c/original"],
+            [["", *(_num(v) for v in vals), _ratio(vals[0], vals[2])]],
+        )
+        ok = None if vals[0] is None else vals[0] < 100
+        targets.append(("< 100 bytes per pid (c)", ok, f"{_num(vals[0])} bytes"))
+
+    if has("drain", RECEIVERS):
+        backlog = next(
+            get("drain", i, "backlog") for i in RECEIVERS if get("drain", i, "backlog")
+        )
+        vals = [get("drain", i) for i in RECEIVERS]
+        out += _table(
+            f"drain (us of CPU per datagram, {backlog:,} queued per round):",
+            ["", *RECEIVERS],
+            [
+                ["cpu", *(_num(v, 1e6) for v in vals)],
+                ["/ floor", *(_ratio(v, vals[0]) for v in vals)],
+            ],
+        )
+        ok = None if not vals[0] or not vals[1] else vals[1] / vals[0] <= 1.25
+        targets.append(
+            ("drain CPU <= 1.25x the recvmmsg floor (c)", ok, _ratio(vals[1], vals[0]))
+        )
+
+    if targets:
+        out.append("targets:")
+        for name, ok, detail in targets:
+            state = "n/a" if ok is None else ("met" if ok else "MISSED")
+            out.append(f"  {state:<6} {name}: {detail}")
+    return out

@@ -1,0 +1,543 @@
+"""The watchdog's settings: one frozen Config from plugin options, flags or circus.ini.
+
+Every option is one field of :class:`Config`; its metadata (default as the user
+would write it, parser, help) drives plugin options, CLI flags and circus.ini
+alike, so the three sources cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import difflib
+import ipaddress
+import logging
+import math
+import re
+import shlex
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+from circus.config import get_config
+from circus.plugins import _cfg2str, _str2cfg
+from circus.util import LOG_LEVELS, to_bool, to_signum
+
+__all__ = (
+    "DEFAULT_MSG_REGEX",
+    "DEFAULT_SECTION",
+    "CircusIni",
+    "Config",
+    "ConfigError",
+    "add_arguments",
+    "read_circus_ini",
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MSG_REGEX = "^(?P<pid>.*);(?P<timestamp>.*)$"
+DEFAULT_SECTION = "plugin:watchdog"
+
+# Keys circus itself reads from a [plugin:NAME] section, so the original plugin
+# never sees them as its own: `use` (plugins.get_plugin_cmd), `name`, `priority`
+# and `__name__` (added or cast by circus.config.get_config and StrictConfigParser),
+# `active` (CircusPlugin), and every argument of circus.watcher.Watcher, because
+# circusd runs the plugin as a watcher built from the whole section.
+_CIRCUS_KEYS = frozenset(
+    {
+        "__name__", "use", "name", "active", "priority", "cmd", "args",
+        "numprocesses", "warmup_delay", "working_dir", "shell", "shell_args", "uid",
+        "gid", "max_retry", "send_hup", "stop_signal", "stop_children", "env",
+        "graceful_timeout", "prereload_fn", "rlimits", "executable", "stdout_stream",
+        "stderr_stream", "loop", "singleton", "use_sockets", "copy_env", "copy_path",
+        "max_age", "max_age_variance", "hooks", "respawn", "autostart", "on_demand",
+        "virtualenv", "virtualenv_py_ver", "stdin_socket", "close_child_stdin",
+        "close_child_stdout", "close_child_stderr", "check_flapping",
+    }
+)  # fmt: skip
+_CIRCUS_KEY_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.", "rlimit_")
+
+# SO_RCVBUF takes a C int: a larger value would raise OverflowError at bind time.
+_MAX_RCVBUF = 2**31 - 1
+_SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the option, the value and what was expected."""
+
+
+# Parsers take the stripped string a user wrote and return the typed value, or
+# raise ValueError whose text says what was expected.
+def _float(expected: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _int(expected: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _optional(
+    parse: Callable[[str], Any], off: tuple[str, ...] = ("",)
+) -> Callable[[str], Any]:
+    return lambda raw: None if raw in off else parse(raw)
+
+
+def _regex(raw: str) -> re.Pattern[str]:
+    try:
+        return re.compile(raw)
+    except re.error as exc:
+        raise ValueError(f"a regular expression ({exc})") from None
+
+
+def _msg_regex(raw: str) -> str:
+    if "pid" not in _regex(raw).groupindex:
+        raise ValueError("a regular expression with a named group (?P<pid>...)")
+    return raw
+
+
+def _ip(raw: str) -> str:
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise ValueError("an IPv4 or IPv6 address such as 127.0.0.1 or ::1") from None
+    return raw
+
+
+def _signal(raw: str) -> int:
+    try:
+        signum = int(to_signum(raw))
+    except (ValueError, AttributeError):  # to_signum lets AttributeError out
+        signum = 0
+    # 0 would make circusd's kill a no-op; an unknown number fails only at kill time.
+    if signum not in signal.valid_signals():
+        raise ValueError("a signal name or number such as TERM, SIGKILL or 9")
+    return signum
+
+
+def _log_level(raw: str) -> str:
+    if raw.lower() not in LOG_LEVELS:
+        raise ValueError("one of " + ", ".join(sorted(LOG_LEVELS)))
+    return raw.lower()
+
+
+def _text(raw: str) -> str:
+    if not raw:
+        raise ValueError("a non-empty value")
+    return raw
+
+
+def _endpoint(raw: str) -> str:
+    scheme, sep, address = raw.partition("://")
+    if not (scheme and sep and address):
+        raise ValueError("a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+    return raw
+
+
+def _size(raw: str) -> int:
+    expected = "a size in bytes > 0, optionally with a K, M or G suffix, below 2G"
+    match = _SIZE.fullmatch(raw)
+    if match is None:
+        raise ValueError(expected)
+    value = int(match[1]) * _SIZE_UNITS[match[2].upper()]
+    if not 0 < value <= _MAX_RCVBUF:
+        raise ValueError(expected)
+    return value
+
+
+def _bool(raw: str) -> bool:
+    try:
+        return bool(to_bool(raw))
+    except ValueError:
+        raise ValueError("a boolean: true/false, yes/no, on/off or 1/0") from None
+
+
+_SECONDS = _float("a number of seconds > 0", lambda v: v > 0)
+
+
+@dataclass(frozen=True)
+class _Option:
+    default: str  # written as a user would, and parsed like user input
+    parse: Callable[[str], Any]
+    help: str  # meaning and unit; add_arguments appends the default
+    metavar: str | None = None
+    flag: str = ""  # "" means "--" + the name with dashes
+    plugin: bool = True  # False: circus passes it to a plugin as an argument
+    shown_default: str = ""  # for help, when the default string says too little
+
+
+def _opt(default: str, parse: Callable[[str], Any], text: str, **kw: Any) -> Any:
+    return field(metadata={"option": _Option(default, parse, text, **kw)})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every watchdog setting, validated; build it with from_options or from_args."""
+
+    # The original circus.plugins.watchdog.WatchDog's options: names and defaults.
+    loop_rate: float = _opt(
+        "60", _SECONDS, "heartbeat period in seconds", metavar="SECONDS"
+    )
+    watchers_regex: re.Pattern[str] = _opt(
+        ".*",
+        _regex,
+        "regex matched (re.match) against watcher names: whose processes to watch",
+        metavar="REGEX",
+    )
+    msg_regex: str = _opt(
+        DEFAULT_MSG_REGEX,
+        _msg_regex,
+        "regex decoding a heartbeat datagram; needs a named group pid",
+        metavar="REGEX",
+    )
+    max_count: int = _opt(
+        "3",
+        _int("an integer >= 1", 1),
+        "number of heartbeat periods a process may miss before it is killed",
+        metavar="N",
+    )
+    ip: str = _opt(
+        "127.0.0.1",
+        _ip,
+        "IPv4 or IPv6 address the UDP heartbeat socket binds to",
+        metavar="IP",
+    )
+    port: int = _opt(
+        "1664",
+        _int("a port number from 0 to 65535", 0, 65535),
+        "UDP port of the heartbeat socket; 0 turns UDP off",
+        metavar="PORT",
+    )
+    watchers_stop_signal: int | None = _opt(
+        "",
+        _optional(_signal),
+        "signal (name or number) sent to a silent process",
+        metavar="SIGNAL",
+        shown_default="the watcher's stop_signal",
+    )
+    watchers_graceful_timeout: float | None = _opt(
+        "",
+        _optional(_float("a number of seconds >= 0", lambda v: v >= 0)),
+        "seconds circusd waits after that signal before SIGKILL",
+        metavar="SECONDS",
+        shown_default="the watcher's graceful_timeout",
+    )
+    log_level: str = _opt(
+        "info",
+        _log_level,
+        "log level: debug, info, warning, error or critical",
+        metavar="LEVEL",
+    )
+    log_output: str = _opt(
+        "-",
+        _text,
+        "log destination: - (stdout), a file path or syslog://...",
+        metavar="OUTPUT",
+    )
+    # circusd's endpoints: circus hands them to a plugin as arguments.
+    endpoint: str = _opt(
+        "tcp://127.0.0.1:5555",
+        _endpoint,
+        "circusd's ZeroMQ control endpoint",
+        metavar="ENDPOINT",
+        plugin=False,
+    )
+    pubsub_endpoint: str = _opt(
+        "tcp://127.0.0.1:5556",
+        _endpoint,
+        "circusd's ZeroMQ pub/sub endpoint",
+        metavar="ENDPOINT",
+        flag="--pubsub",
+        plugin=False,
+    )
+    # Options the original does not have.
+    tick: float = _opt(
+        "",
+        _optional(_SECONDS),
+        "seconds between deadline checks, at most loop_rate * max_count",
+        metavar="SECONDS",
+        shown_default="min(loop_rate / 10, 1)",
+    )
+    budget: int = _opt(
+        "4096",
+        _int("an integer >= 1", 1),
+        "maximum number of datagrams read per event-loop wake-up",
+        metavar="N",
+    )
+    rcvbuf: int = _opt(
+        "8M",
+        _size,
+        "UDP receive buffer in bytes; K, M and G suffixes are powers of 1024",
+        metavar="BYTES",
+    )
+    resync_interval: float = _opt(
+        "60",
+        _SECONDS,
+        "seconds between full re-syncs of monitored pids with circusd (list)",
+        metavar="SECONDS",
+    )
+    call_timeout: float = _opt(
+        "5", _SECONDS, "seconds to wait for circusd to answer", metavar="SECONDS"
+    )
+    metrics_port: int | None = _opt(
+        "",
+        _optional(_int("a port number from 1 to 65535", 1, 65535), ("", "0")),
+        "TCP port serving Prometheus metrics at 127.0.0.1:PORT/metrics; 0 = off",
+        metavar="PORT",
+        shown_default="off",
+    )
+    dry_run: bool = _opt("false", _bool, "log and count kills, kill nothing")
+    storm_guard: bool = _opt(
+        "true", _bool, "hold kills when too many processes would die at once"
+    )
+    max_kill_fraction: float = _opt(
+        "0.5",
+        _float("a number > 0 and <= 1", lambda v: 0 < v <= 1),
+        "storm guard: largest fraction of monitored pids killed per timeout window",
+        metavar="FRACTION",
+    )
+    storm_floor: int = _opt(
+        "2",
+        _int("an integer >= 0", 0),
+        "storm guard: number of pids that may always die at once",
+        metavar="N",
+    )
+
+    @property
+    def timeout(self) -> float:
+        """Seconds of silence after which a process is killed."""
+        return self.loop_rate * self.max_count
+
+    @property
+    def msg_pattern(self) -> re.Pattern[str] | None:
+        """The custom msg_regex compiled, or None for the default (compiled) format."""
+        if self.msg_regex == DEFAULT_MSG_REGEX:
+            return None
+        return re.compile(self.msg_regex)
+
+    @classmethod
+    def from_options(
+        cls,
+        options: Mapping[str, str],
+        *,
+        endpoint: str | None = None,
+        pubsub_endpoint: str | None = None,
+    ) -> Config:
+        """Build from plugin option strings, as circus passes them to a plugin."""
+        values = _known_options(options, "plugin options")
+        if endpoint is not None:
+            values["endpoint"] = endpoint
+        if pubsub_endpoint is not None:
+            values["pubsub_endpoint"] = pubsub_endpoint
+        return cls._from_strings(values)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Config:
+        """Build from parsed flags, over the --circus-ini section when given."""
+        values: dict[str, str] = {}
+        path = getattr(ns, "circus_ini", None)
+        if path is not None:
+            section = getattr(ns, "section", DEFAULT_SECTION)
+            ini = read_circus_ini(path, section)
+            values = _known_options(ini.options, f"[{section}] of {path}")
+            values["endpoint"] = ini.endpoint
+            values["pubsub_endpoint"] = ini.pubsub_endpoint
+        for name in _OPTIONS:
+            given = getattr(ns, name, None)
+            if isinstance(given, bool):  # BooleanOptionalAction
+                values[name] = "true" if given else "false"
+            elif given is not None:
+                values[name] = given
+        return cls._from_strings(values)
+
+    @classmethod
+    def _from_strings(cls, values: Mapping[str, str]) -> Config:
+        parsed: dict[str, Any] = {}
+        for name, option in _OPTIONS.items():
+            raw = values.get(name, option.default).strip()
+            try:
+                parsed[name] = option.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(_invalid(name, str(exc), raw)) from None
+        timeout = parsed["loop_rate"] * parsed["max_count"]
+        if parsed["tick"] is None:
+            parsed["tick"] = min(parsed["loop_rate"] / 10, 1.0)
+        elif parsed["tick"] > timeout:
+            expected = f"a number of seconds <= loop_rate * max_count ({timeout:g})"
+            raise ConfigError(_invalid("tick", expected, values["tick"].strip()))
+        return cls(**parsed)
+
+
+_OPTIONS: dict[str, _Option] = {f.name: f.metadata["option"] for f in fields(Config)}
+_PLUGIN_OPTIONS = [name for name, option in _OPTIONS.items() if option.plugin]
+
+
+def _flag(name: str) -> str:
+    return _OPTIONS[name].flag or "--" + name.replace("_", "-")
+
+
+def _invalid(name: str, expected: str, raw: str) -> str:
+    return f"invalid {name} ({_flag(name)}): expected {expected}, got {raw!r}"
+
+
+def _known_options(options: Mapping[str, str], source: str) -> dict[str, str]:
+    """Keep our options; warn about keys that are neither ours nor circus's."""
+    unknown = sorted(
+        key
+        for key in options
+        if key not in _PLUGIN_OPTIONS
+        and key not in _CIRCUS_KEYS
+        and not key.startswith(_CIRCUS_KEY_PREFIXES)
+    )
+    if unknown:
+        # The original ignores them, and a circus.ini that works with it must
+        # keep working, so this is a warning and not an error.
+        logger.warning(
+            "ignoring unknown option(s) in %s: %s",
+            source,
+            ", ".join(map(_describe_unknown, unknown)),
+        )
+    return {key: value for key, value in options.items() if key in _PLUGIN_OPTIONS}
+
+
+def _describe_unknown(key: str) -> str:
+    close = difflib.get_close_matches(key, _PLUGIN_OPTIONS, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every option, plus --circus-ini and --section."""
+    for name, option in _OPTIONS.items():
+        # Every default is None so that from_args can tell given flags from the
+        # rest: the real defaults live in Config alone.
+        shown = option.shown_default or option.default
+        help_text = f"{option.help} (default: {shown})".replace("%", "%%")
+        if option.parse is _bool:
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                default=None,
+                metavar=option.metavar,
+                help=help_text,
+            )
+    parser.add_argument(
+        "--circus-ini",
+        metavar="PATH",
+        help="read the endpoints from [circus] and the options from --section of "
+        "this circus.ini, as circusd would pass them; flags override it "
+        "(default: none)",
+    )
+    parser.add_argument(
+        "--section",
+        default=DEFAULT_SECTION,
+        metavar="NAME",
+        help=f"plugin section of --circus-ini to read (default: {DEFAULT_SECTION})",
+    )
+
+
+class CircusIni(NamedTuple):
+    """What circusd would hand a plugin from one section of a circus.ini."""
+
+    options: dict[str, str]
+    endpoint: str
+    pubsub_endpoint: str
+
+
+def read_circus_ini(path: str, section: str = DEFAULT_SECTION) -> CircusIni:
+    """Read a circus.ini as circusd does; the options as the plugin receives them."""
+    try:
+        # circus's own reader: includes, [env] and $(circus.env.*) substitution.
+        circus_cfg = get_config(path)
+    except (OSError, configparser.Error, ValueError) as exc:
+        raise ConfigError(
+            f"invalid --circus-ini: expected a readable circus.ini, got {path!r} "
+            f"({exc})"
+        ) from None
+    plugins = {plugin["name"]: plugin for plugin in circus_cfg["plugins"]}
+    if section not in plugins:
+        present = ", ".join(f"[{name}]" for name in plugins) or "none"
+        raise ConfigError(
+            f"invalid --section: expected a plugin section of {path!r} "
+            f"(present: {present}), got {section!r}"
+        )
+    return CircusIni(
+        _as_plugin_receives(plugins[section], f"[{section}] of {path}"),
+        circus_cfg["endpoint"],
+        circus_cfg["pubsub_endpoint"],
+    )
+
+
+def _as_plugin_receives(plugin: Mapping[str, Any], source: str) -> dict[str, str]:
+    """Pass a section through circus's plugin command line, as circusd does.
+
+    circus.plugins.get_plugin_cmd drops `use` and joins the rest into one
+    `--config key:value:::...` word of a command line that the plugin's watcher
+    splits with shlex.split (circus/process.py): quotes are removed, unquoted
+    backslashes are dropped and unquoted whitespace splits the word, which
+    breaks the plugin's own argument parsing.
+    """
+    section = {key: value for key, value in plugin.items() if key != "use"}
+    written: dict[str, str] = {}
+    for key, value in section.items():
+        try:
+            words = shlex.split(f"{key}:{value}")
+        except ValueError:  # an unpaired quote
+            words = []
+        if len(words) != 1:
+            name = f"{key} ({_flag(key)})" if key in _OPTIONS else key
+            raise ConfigError(
+                f"invalid {name} in {source}: expected a value that circus can put "
+                "on the plugin's command line (double-quote values with spaces, "
+                f"pair the quotes), got {value!r}"
+            )
+        written[key] = words[0].partition(":")[2].strip()
+        text = str(value)
+        if "\\" in text and not any(q in text for q in "\"'") and written[key] != text:
+            logger.warning(
+                "%s in %s reaches the plugin as %r: circus drops unquoted "
+                "backslashes; double-quote the value to keep them",
+                key,
+                source,
+                written[key],
+            )
+    if not section:
+        return {}
+    (word,) = shlex.split(_cfg2str(section))
+    received: dict[str, str] = _str2cfg(word)
+    changed = sorted(key for key in written if received.get(key) != written[key])
+    if changed:
+        logger.warning(
+            "circus does not pass %s of %s to the plugin as written: an empty "
+            "value swallows the option after it and ':::' splits a value; delete "
+            "empty options instead",
+            ", ".join(changed),
+            source,
+        )
+    return received

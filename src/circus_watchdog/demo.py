@@ -1,0 +1,189 @@
+"""``circus-watchdog demo``: a real circusd, a small fleet, the watchdog as a
+plugin, and a live view of what it sees, all on free loopback ports in a
+temporary folder that is removed afterwards.
+
+The fleet: ``steady`` processes heartbeat every 0.3 s; ``flaky`` ones stop
+heartbeating after a random 3-12 s but stay alive (a hang), so the watchdog
+kills them and circusd respawns them; ``unmonitored`` never heartbeats and is
+not matched by ``watchers_regex``, so it is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+from circus.client import CircusClient
+
+LOOP_RATE = 1.0  # seconds; timeout = LOOP_RATE * MAX_COUNT
+MAX_COUNT = 3
+REFRESH = 0.5  # seconds between screen updates
+START_TIMEOUT = 20.0  # seconds for circusd and the plugin to come up
+
+
+def _free_ports(count: int) -> list[int]:
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def write_ini(folder: Path) -> tuple[Path, str, int]:
+    """Write the demo's circus.ini; returns its path, endpoint and metrics port."""
+    endpoint_port, pubsub_port, stats_port, udp_port, metrics_port = _free_ports(5)
+    worker = f"{sys.executable} -m circus_watchdog.demo_worker"
+    worker += f" --address 127.0.0.1:{udp_port}"
+    endpoint = f"tcp://127.0.0.1:{endpoint_port}"
+    ini = folder / "circus.ini"
+    ini.write_text(
+        f"""[circus]
+endpoint = {endpoint}
+pubsub_endpoint = tcp://127.0.0.1:{pubsub_port}
+stats_endpoint = tcp://127.0.0.1:{stats_port}
+statsd = False
+multicast_endpoint =
+check_delay = 1
+
+[watcher:steady]
+cmd = {worker} --interval 0.3
+numprocesses = 3
+
+[watcher:flaky]
+cmd = {worker} --interval 0.3 --hang-after 3:12
+numprocesses = 3
+graceful_timeout = 1
+
+[watcher:unmonitored]
+cmd = {worker} --silent
+numprocesses = 2
+
+[plugin:watchdog]
+use = circus_watchdog.plugin.WatchDog
+loop_rate = {LOOP_RATE}
+max_count = {MAX_COUNT}
+watchers_regex = ^(steady|flaky)$
+port = {udp_port}
+metrics_port = {metrics_port}
+"""
+    )
+    return ini, endpoint, metrics_port
+
+
+def fetch_status(metrics_port: int) -> dict[str, Any] | None:
+    """The plugin's /status, or None while it is not up."""
+    url = f"http://127.0.0.1:{metrics_port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:  # noqa: S310 - loopback
+            data: dict[str, Any] = orjson.loads(reply.read())
+            return data
+    except OSError:
+        return None
+
+
+def render(status: dict[str, Any], rate: float, elapsed: float, unmonitored: Any) -> str:
+    """One screen of the live view."""
+    kills = status["kills"]
+    lines = [
+        f"circus-watchdog demo  {elapsed:5.0f}s   {status['version']}",
+        f"timeout {status['timeout']:g}s   heartbeats/s {rate:8.0f}   "
+        f"kills {sum(kills.values())} {kills}",
+        "",
+        f"{'watcher':<12} {'pid':>8} {'last heartbeat':>16}",
+    ]
+    for row in sorted(status["pids"], key=lambda r: (r["watcher"], r["pid"])):
+        age = row["age"]
+        mark = "  silent" if age > 1.0 else ""
+        lines.append(f"{row['watcher']:<12} {row['pid']:>8} {age:>14.1f}s{mark}")
+    for pid in status["killing"]:
+        lines.append(f"{'(killing)':<12} {pid:>8}")
+    lines.append(f"{'unmonitored':<12} {unmonitored}  (not matched: never killed)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="circus-watchdog demo")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds (default: until Ctrl-C)"
+    )
+    parser.add_argument(
+        "--plain", action="store_true", help="print lines instead of redrawing"
+    )
+    args = parser.parse_args(argv)
+    folder = Path(tempfile.mkdtemp(prefix="circus-watchdog-demo-"))
+    ini, endpoint, metrics_port = write_ini(folder)
+    log = (folder / "circusd.log").open("wb")
+    circusd = subprocess.Popen(
+        [sys.executable, "-m", "circus.circusd", str(ini)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+    )
+    client = CircusClient(endpoint=endpoint, timeout=5)
+    live = sys.stdout.isatty() and not args.plain
+    started = time.monotonic()
+    end = started + args.duration if args.duration is not None else float("inf")
+    status = None
+    try:
+        print(f"circusd started (pid {circusd.pid}) in {folder}; Ctrl-C to stop")
+        while status is None:
+            if time.monotonic() - started > START_TIMEOUT or circusd.poll() is not None:
+                print("the demo did not start; circusd log:", file=sys.stderr)
+                print((folder / "circusd.log").read_text()[-3000:], file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+            status = fetch_status(metrics_port)
+        last_beats, last_t, printed = status["heartbeats"], time.monotonic(), 0.0
+        while time.monotonic() < end:
+            time.sleep(REFRESH)
+            now = time.monotonic()
+            status = fetch_status(metrics_port) or status
+            rate = (status["heartbeats"] - last_beats) / (now - last_t)
+            last_beats, last_t = status["heartbeats"], now
+            try:
+                unmonitored = client.call(
+                    {"command": "list", "properties": {"name": "unmonitored"}}
+                ).get("pids")
+            except Exception:  # noqa: BLE001 - the view must not die on a hiccup
+                unmonitored = "?"
+            screen = render(status, rate, now - started, unmonitored)
+            if live:
+                print("\x1b[H\x1b[2J" + screen, flush=True)
+            elif now - printed >= 2:
+                printed = now
+                print(screen + "\n", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            client.call({"command": "quit", "properties": {}})
+        try:
+            circusd.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            circusd.kill()
+            circusd.wait()
+        client.stop()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    if status is not None:
+        kills = status["kills"]
+        print(
+            f"demo summary: {sum(kills.values())} kill(s) {kills}, "
+            f"{status['heartbeats']} heartbeats, {status['would_kill']} dry-run, "
+            f"{status['kills_held']} held"
+        )
+    return 0

@@ -1,0 +1,88 @@
+"""The circus plugin: ``use = circus_watchdog.plugin.WatchDog`` in circus.ini."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from circus.plugins import CircusPlugin
+
+from . import engine
+from .config import Config, ConfigError
+
+logger = logging.getLogger("circus.watchdog")
+
+
+class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
+    """Kills the processes of matching watchers that stop sending heartbeats.
+
+    A drop-in replacement for ``circus.plugins.watchdog.WatchDog``: each
+    monitored process sends a UDP datagram ``PID;TIMESTAMP`` at least every
+    ``loop_rate`` seconds; a process silent for ``loop_rate * max_count``
+    seconds is killed through circusd (which respawns it).
+
+    Options of the original, same names, meanings and defaults:
+
+    - **loop_rate** -- seconds between expected heartbeats (default: 60)
+    - **watchers_regex** -- watchers to monitor, ``re.match`` (default: ".*");
+      the watcher running this plugin is never monitored
+    - **msg_regex** -- heartbeat format, a named group ``pid`` required
+      (default: "^(?P<pid>.*);(?P<timestamp>.*)$", parsed in compiled code)
+    - **max_count** -- silent loop_rates before the kill (default: 3)
+    - **ip** -- address to listen on (default: 127.0.0.1)
+    - **port** -- UDP port to listen on (default: 1664)
+    - **watchers_stop_signal** -- signal for the kill (default: the watcher's)
+    - **watchers_graceful_timeout** -- seconds before SIGKILL (default: the
+      watcher's)
+
+    New options (see docs/configuration.md): **tick** (default: loop_rate / 10,
+    at most 1 s), **metrics_port** (default: off), **dry_run** (default: false),
+    **storm_guard** (default: true), **max_kill_fraction** (default: 0.5),
+    **storm_floor** (default: 2), **rcvbuf** (default: 8M), **budget**
+    (default: 4096), **resync_interval** (default: 60), **call_timeout**
+    (default: 5).
+    """
+
+    name = "watchdog"
+
+    def __init__(
+        self,
+        endpoint: str,
+        pubsub_endpoint: str,
+        check_delay: float,
+        ssh_server: str | None = None,
+        **config: Any,
+    ) -> None:
+        super().__init__(
+            endpoint, pubsub_endpoint, check_delay, ssh_server=ssh_server, **config
+        )
+        self.loop.close()  # circus made a tornado loop; the engine runs its own
+        if ssh_server:
+            raise ConfigError("ssh_server: circus-watchdog does not tunnel over ssh")
+        self.watchdog_config = Config.from_options(
+            config, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
+        )
+        self._stop: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        """Run the watchdog until SIGTERM, stop(), or circusd's exit."""
+        logger.setLevel(self.watchdog_config.log_level.upper())
+        self.running = True
+        try:
+            engine.run(
+                self.watchdog_config,
+                parent_pid=os.getppid(),  # circusd: when it dies, so do we
+                stop_setter=self._set_stopper,
+            )
+        finally:
+            self.running = False
+
+    def _set_stopper(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    def stop(self) -> None:
+        """Ask a running watchdog to stop (thread-safe)."""
+        if self._stop is not None:
+            self._stop()

@@ -1,0 +1,460 @@
+"""Config: defaults of the original plugin, validation, circus.ini and CLI sources."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import re
+import shlex
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from circus.config import get_config
+from circus.plugins import _str2cfg, get_plugin_cmd
+from circus.plugins.watchdog import WatchDog
+from circus.watcher import Watcher
+
+from circus_watchdog import config as config_module
+from circus_watchdog.config import (
+    DEFAULT_MSG_REGEX,
+    Config,
+    ConfigError,
+    add_arguments,
+    read_circus_ini,
+)
+
+NAMES = [f.name for f in dataclasses.fields(Config)]
+ENDPOINTS = {"endpoint", "pubsub_endpoint"}
+BOOLEANS = {"dry_run", "storm_guard"}
+LOGGER = "circus_watchdog.config"
+
+
+def flag(name: str) -> str:
+    return "--pubsub" if name == "pubsub_endpoint" else "--" + name.replace("_", "-")
+
+
+def parse_cli(*argv: str) -> Config:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return Config.from_args(parser.parse_args(argv))
+
+
+def original(options: dict[str, str]) -> dict[str, Any]:
+    """What circus's own WatchDog makes of the same option strings."""
+    plugin = WatchDog("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", 1.0, None, **options)
+    try:
+        return {
+            "loop_rate": plugin.loop_rate,
+            "max_count": plugin.max_count,
+            "ip": plugin.watchdog_ip,
+            "port": plugin.watchdog_port,
+            "msg_regex": plugin.msg_regex,
+            "watchers_regex": plugin.watchers_regex,
+            "watchers_stop_signal": plugin.stop_signal,
+            "watchers_graceful_timeout": plugin.graceful_timeout,
+        }
+    finally:
+        plugin.loop.close()  # CircusPlugin.__init__ creates an IOLoop
+
+
+def ours(options: dict[str, str]) -> dict[str, Any]:
+    cfg = Config.from_options(options)
+    values = {key: getattr(cfg, key) for key in original({})}
+    values["watchers_regex"] = cfg.watchers_regex.pattern
+    return values
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {
+            "loop_rate": "2.5",
+            "max_count": "5",
+            "ip": "0.0.0.0",
+            "port": "9999",
+            "watchers_regex": "^(web|api)$",
+            "msg_regex": r"^(?P<pid>\d+)$",
+            "watchers_stop_signal": "KILL",
+            "watchers_graceful_timeout": "7",
+        },
+        {"watchers_stop_signal": "15", "watchers_graceful_timeout": "0", "port": "0"},
+        {"watchers_stop_signal": "SIGHUP", "loop_rate": "1e1"},
+    ],
+    ids=["defaults", "all-set", "numeric-signal", "signal-name"],
+)
+def test_same_as_original(options: dict[str, str]) -> None:
+    assert ours(options) == original(options)
+
+
+def test_defaults() -> None:
+    cfg = Config.from_options({})
+    assert cfg == parse_cli()
+    assert (cfg.loop_rate, cfg.max_count, cfg.timeout) == (60.0, 3, 180.0)
+    assert cfg.msg_regex == DEFAULT_MSG_REGEX
+    assert cfg.msg_pattern is None
+    assert cfg.watchers_regex.pattern == ".*"
+    assert (cfg.endpoint, cfg.pubsub_endpoint) == (
+        "tcp://127.0.0.1:5555",
+        "tcp://127.0.0.1:5556",
+    )
+    assert (cfg.log_level, cfg.log_output) == ("info", "-")
+    assert (cfg.tick, cfg.budget, cfg.rcvbuf) == (1.0, 4096, 8 << 20)
+    assert (cfg.resync_interval, cfg.call_timeout) == (60.0, 5.0)
+    assert cfg.metrics_port is None
+    assert (cfg.dry_run, cfg.storm_guard) == (False, True)
+    assert (cfg.max_kill_fraction, cfg.storm_floor) == (0.5, 2)
+
+
+def test_custom_msg_regex_is_compiled() -> None:
+    cfg = Config.from_options({"msg_regex": r"^(?P<pid>\d+)$"})
+    assert cfg.msg_pattern == re.compile(r"^(?P<pid>\d+)$")
+
+
+def test_watchers_regex_uses_match() -> None:
+    regex = Config.from_options({"watchers_regex": "web"}).watchers_regex
+    assert regex.match("web-1")
+    assert not regex.match("my-web")
+
+
+BAD = [
+    ("loop_rate", "abc"),
+    ("loop_rate", "0"),
+    ("loop_rate", "nan"),
+    ("loop_rate", "inf"),
+    ("watchers_regex", "("),
+    ("msg_regex", "^(?P<pid>.*"),
+    ("msg_regex", "^(?P<process>.*);(?P<timestamp>.*)$"),
+    ("max_count", "0"),
+    ("max_count", "2.5"),
+    ("ip", "localhost"),
+    ("ip", "256.0.0.1"),
+    ("port", "65536"),
+    ("port", "-1"),
+    ("watchers_stop_signal", "NOPE"),
+    ("watchers_stop_signal", "0"),
+    ("watchers_stop_signal", "999"),
+    ("watchers_graceful_timeout", "-1"),
+    ("watchers_graceful_timeout", "soon"),
+    ("log_level", "loud"),
+    ("log_output", ""),
+    ("endpoint", "127.0.0.1:5555"),
+    ("pubsub_endpoint", ""),
+    ("tick", "0"),
+    ("tick", "181"),
+    ("budget", "0"),
+    ("rcvbuf", "8X"),
+    ("rcvbuf", "0"),
+    ("rcvbuf", "2G"),
+    ("rcvbuf", "1.5M"),
+    ("resync_interval", "0"),
+    ("call_timeout", "-5"),
+    ("metrics_port", "70000"),
+    ("metrics_port", "metrics"),
+    ("dry_run", "maybe"),
+    ("storm_guard", "2"),
+    ("max_kill_fraction", "0"),
+    ("max_kill_fraction", "1.5"),
+    ("storm_floor", "-1"),
+]
+
+
+def test_bad_values_cover_every_option() -> None:
+    assert {name for name, _ in BAD} == set(NAMES)
+
+
+@pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v}" for n, v in BAD])
+def test_bad_value(name: str, value: str) -> None:
+    if name in ENDPOINTS:
+        with pytest.raises(ConfigError) as plugin_error:
+            Config.from_options({}, **{name: value})
+    else:
+        with pytest.raises(ConfigError) as plugin_error:
+            Config.from_options({name: value})
+    message = str(plugin_error.value)
+    assert message.startswith(f"invalid {name} ({flag(name)}): expected ")
+    assert message.endswith(f", got {value!r}")
+    if name not in BOOLEANS:  # on the command line they are switches
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_cli(flag(name), value)
+
+
+def test_unknown_keys_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        cfg = Config.from_options({"loop_rat": "1", "loop_rate": "5", "zzz": "1"})
+    assert cfg.loop_rate == 5.0
+    (record,) = caplog.records
+    assert "'loop_rat' (did you mean 'loop_rate'?)" in record.getMessage()
+    assert "'zzz'" in record.getMessage()
+
+
+def test_endpoints_are_not_plugin_options(caplog: pytest.LogCaptureFixture) -> None:
+    # circus hands a plugin its endpoints as arguments, never as options.
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        cfg = Config.from_options({"endpoint": "tcp://127.0.0.1:1"})
+    assert cfg.endpoint == "tcp://127.0.0.1:5555"
+    assert "'endpoint'" in caplog.text
+
+
+def test_circus_keys_are_silent(caplog: pytest.LogCaptureFixture) -> None:
+    options = {
+        "use": "circus_watchdog.plugin.WatchDog",
+        "name": "plugin:watchdog",
+        "__name__": "plugin:watchdog",
+        "priority": "1",
+        "active": "true",
+        "numprocesses": "1",
+        "stdout_stream.class": "StdoutStream",
+        "rlimit_nofile": "4096",
+    }
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert Config.from_options(options) == Config.from_options({})
+    assert not caplog.records
+
+
+def test_circus_keys_cover_watcher_arguments() -> None:
+    params = set(inspect.signature(Watcher.__init__).parameters) - {"self", "options"}
+    assert params <= config_module._CIRCUS_KEYS
+
+
+def test_tick() -> None:
+    assert Config.from_options({"loop_rate": "60"}).tick == 1.0
+    assert Config.from_options({"loop_rate": "5"}).tick == 0.5
+    cfg = Config.from_options({"loop_rate": "2", "max_count": "1", "tick": "2"})
+    assert cfg.tick == cfg.timeout == 2.0
+    with pytest.raises(ConfigError, match=r"tick \(--tick\).*\(2\), got '2.5'"):
+        Config.from_options({"loop_rate": "2", "max_count": "1", "tick": "2.5"})
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("4096", 4096), ("512K", 512 << 10), ("8M", 8 << 20), ("8m", 8 << 20)]
+    + [("1G", 1 << 30), ("1g", 1 << 30)],
+)
+def test_rcvbuf_suffixes(value: str, size: int) -> None:
+    assert Config.from_options({"rcvbuf": value}).rcvbuf == size
+
+
+@pytest.mark.parametrize(("value", "port"), [("", None), ("0", None), ("91", 91)])
+def test_metrics_port(value: str, port: int | None) -> None:
+    assert Config.from_options({"metrics_port": value}).metrics_port == port
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(v, True) for v in ("true", "Yes", "ON", "1")]
+    + [(v, False) for v in ("false", "No", "off", "0")],
+)
+@pytest.mark.parametrize("name", sorted(BOOLEANS))
+def test_booleans(name: str, value: str, expected: bool) -> None:
+    assert getattr(Config.from_options({name: value}), name) is expected
+
+
+@pytest.mark.parametrize("name", sorted(BOOLEANS))
+def test_boolean_flags(name: str) -> None:
+    assert getattr(parse_cli(flag(name)), name) is True
+    assert getattr(parse_cli("--no-" + flag(name)[2:]), name) is False
+
+
+def test_optional_overrides_accept_empty() -> None:
+    cfg = Config.from_options(
+        {"watchers_stop_signal": "", "watchers_graceful_timeout": ""}
+    )
+    assert cfg.watchers_stop_signal is cfg.watchers_graceful_timeout is None
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert Config.from_options({"log_level": "DEBUG"}).log_level == "debug"
+
+
+def test_every_flag_has_help_with_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for name in NAMES:
+        assert flag(name) in actions[name].option_strings
+        assert "(default: " in (actions[name].help or "")
+        assert actions[name].default is None  # so given flags can be told apart
+    assert "--circus-ini" in actions["circus_ini"].option_strings
+    assert actions["section"].default == "plugin:watchdog"
+
+
+INI = r"""
+[circus]
+endpoint = tcp://127.0.0.1:6555
+pubsub_endpoint = tcp://127.0.0.1:6556
+
+[plugin:watchdog]
+use = circus.plugins.watchdog.WatchDog
+priority = 2
+watchers_regex = "^(web|api)$"
+msg_regex = "^(?P<pid>\d+) (?P<timestamp>\S+)$"
+loop_rate = 5
+dry_run = yes
+storm_guard = no
+
+[plugin:other]
+use = circus.plugins.watchdog.WatchDog
+"""
+
+PLAIN_OPTIONS = {
+    "watchers_regex": "^(web|api)$",
+    "msg_regex": r"^(?P<pid>\d+) (?P<timestamp>\S+)$",
+    "loop_rate": "5",
+    "dry_run": "yes",
+    "storm_guard": "no",
+}
+
+
+def write_ini(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "circus.ini"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def what_circus_passes(path: str, section: str = "plugin:watchdog") -> dict[str, Any]:
+    """The endpoints and options circusd puts on the plugin's command line."""
+    circus_cfg = get_config(path)
+    (plugin,) = (p for p in circus_cfg["plugins"] if p["name"] == section)
+    cmd = get_plugin_cmd(
+        dict(plugin), circus_cfg["endpoint"], circus_cfg["pubsub_endpoint"], 5.0, None
+    )
+    argv = shlex.split(cmd)  # as the plugin's watcher does (circus/process.py)
+    return {
+        "endpoint": argv[argv.index("--endpoint") + 1],
+        "pubsub_endpoint": argv[argv.index("--pubsub") + 1],
+        "options": _str2cfg(argv[argv.index("--config") + 1]),
+    }
+
+
+def test_ini_matches_what_circus_passes(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, INI)
+    passed = what_circus_passes(path)
+    ini = read_circus_ini(path)
+    assert ini._asdict() == passed
+    assert ini.options["watchers_regex"] == "^(web|api)$"  # quotes gone
+    assert ini.options["msg_regex"] == PLAIN_OPTIONS["msg_regex"]  # "\d" kept
+
+    from_ini = parse_cli("--circus-ini", path)
+    assert from_ini == Config.from_options(
+        PLAIN_OPTIONS,
+        endpoint="tcp://127.0.0.1:6555",
+        pubsub_endpoint="tcp://127.0.0.1:6556",
+    )
+    assert from_ini == Config.from_options(
+        passed["options"],
+        endpoint=passed["endpoint"],
+        pubsub_endpoint=passed["pubsub_endpoint"],
+    )
+    assert ours(ini.options) == original(ini.options)
+
+
+def test_ini_unquoted_backslash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_ini(
+        tmp_path,
+        r"""
+        [plugin:watchdog]
+        use = circus.plugins.watchdog.WatchDog
+        msg_regex = ^(?P<pid>\d+);(?P<timestamp>.*)$
+        """,
+    )
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        options = read_circus_ini(path).options
+    # Faithful to circus, which hands the original plugin "d+", not "\d+".
+    assert options == what_circus_passes(path)["options"]
+    assert options["msg_regex"] == "^(?P<pid>d+);(?P<timestamp>.*)$"
+    assert "msg_regex" in caplog.text
+    assert "double-quote" in caplog.text
+
+
+def test_ini_empty_value_swallows_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_ini(
+        tmp_path,
+        """
+        [plugin:watchdog]
+        use = circus.plugins.watchdog.WatchDog
+        loop_rate =
+        max_count = 5
+        """,
+    )
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        options = read_circus_ini(path).options
+    assert options == what_circus_passes(path)["options"]
+    assert "max_count" not in options
+    assert "loop_rate, max_count" in caplog.text
+
+
+def test_ini_unquoted_space_is_an_error(tmp_path: Path) -> None:
+    path = write_ini(
+        tmp_path,
+        r"""
+        [plugin:watchdog]
+        use = circus.plugins.watchdog.WatchDog
+        msg_regex = ^(?P<pid>\d+) (?P<timestamp>.*)$
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"invalid msg_regex \(--msg-regex\) in "):
+        read_circus_ini(path)
+
+
+def test_ini_defaults_endpoints(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[plugin:watchdog]\nloop_rate = 5\n")
+    cfg = parse_cli("--circus-ini", path)
+    assert (cfg.endpoint, cfg.pubsub_endpoint, cfg.loop_rate) == (
+        "tcp://127.0.0.1:5555",
+        "tcp://127.0.0.1:5556",
+        5.0,
+    )
+
+
+def test_flags_override_ini(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, INI)
+    cfg = parse_cli(
+        "--circus-ini",
+        path,
+        "--loop-rate",
+        "7",
+        "--storm-guard",
+        "--pubsub",
+        "ipc:///x",
+    )
+    assert cfg.loop_rate == 7.0
+    assert cfg.storm_guard is True
+    assert cfg.pubsub_endpoint == "ipc:///x"
+    assert cfg.endpoint == "tcp://127.0.0.1:6555"  # from the file
+    assert cfg.watchers_regex.pattern == "^(web|api)$"  # from the file
+    assert cfg.dry_run is True  # from the file
+
+
+def test_other_section(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, INI)
+    assert parse_cli("--circus-ini", path, "--section", "plugin:other").loop_rate == 60
+
+
+def test_missing_section(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, INI)
+    with pytest.raises(ConfigError) as error:
+        parse_cli("--circus-ini", path, "--section", "plugin:nope")
+    message = str(error.value)
+    assert message.startswith("invalid --section: ")
+    assert "[plugin:other], [plugin:watchdog]" in message
+    assert message.endswith("got 'plugin:nope'")
+
+
+def test_missing_ini(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid --circus-ini: "):
+        parse_cli("--circus-ini", str(tmp_path / "nope.ini"))
+
+
+def test_ini_bad_value_names_option(tmp_path: Path) -> None:
+    path = write_ini(tmp_path, "[plugin:watchdog]\nmax_count = many\n")
+    with pytest.raises(ConfigError, match=r"invalid max_count \(--max-count\)"):
+        parse_cli("--circus-ini", path)

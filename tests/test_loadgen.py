@@ -1,0 +1,421 @@
+"""loadgen against a real UDP receiver on loopback (never any other address)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loadgen import flood
+from loadgen.cli import main, resolve_target
+
+from circus_watchdog.core import parse_heartbeat
+
+ROOT = Path(__file__).resolve().parent.parent
+RCVBUF = 8 * 1024 * 1024  # bytes asked; the kernel caps it at rmem_max
+RECV_LIMIT = 120.0  # seconds a receiver thread may run, whatever happens
+
+
+class Receiver:
+    """A UDP socket on loopback read continuously by a thread, keeping payloads."""
+
+    def __init__(self, family: int = socket.AF_INET) -> None:
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            self.sock.bind((host, 0))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.settimeout(0.05)
+        self.port: int = self.sock.getsockname()[1]
+        self.target = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.payloads: list[bytes] = []
+        self.last_arrival = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        end = time.monotonic() + RECV_LIMIT
+        recv, append = self.sock.recv, self.payloads.append
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                append(recv(4096))
+            except TimeoutError:
+                continue
+            self.last_arrival = time.monotonic()
+
+    @property
+    def count(self) -> int:
+        """Datagrams received so far."""
+        return len(self.payloads)
+
+    def settle(self, expected: int | None = None, quiet: float = 0.3) -> int:
+        """Wait (10 s at most) for ``expected`` datagrams, or ``quiet`` s of silence."""
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if expected is not None and self.count >= expected:
+                break
+            if time.monotonic() - self.last_arrival > quiet:
+                break
+            time.sleep(0.02)
+        return self.count
+
+    def drops(self) -> int | None:
+        """Datagrams the kernel dropped on this socket (Linux /proc), else None."""
+        name = (
+            "/proc/net/udp6"
+            if self.sock.family == socket.AF_INET6
+            else ("/proc/net/udp")
+        )
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            return None
+        inode = str(os.fstat(self.sock.fileno()).st_ino)
+        for line in lines:
+            fields = line.split()
+            if fields[9] == inode:
+                return int(fields[-1])
+        return None
+
+    def close(self) -> None:
+        """Stop the thread and close the socket."""
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self.sock.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rx = Receiver()
+    try:
+        yield rx
+    finally:
+        rx.close()
+
+
+def run_json(
+    capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, dict[str, Any]]:
+    """Run loadgen in-process with --json; exit status and parsed report."""
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def classify(payloads: list[bytes], known: set[int]) -> dict[str, int]:
+    """Count valid, unknown-pid and malformed datagrams as the watchdog would."""
+    kinds = {"valid": 0, "unknown": 0, "malformed": 0}
+    for data in payloads:
+        pid = parse_heartbeat(data)
+        kind = "malformed" if pid is None else "valid" if pid in known else "unknown"
+        kinds[kind] += 1
+    return kinds
+
+
+def test_malformed_corpus_is_malformed(
+    parse_heartbeat: Callable[[bytes], int | None],
+) -> None:
+    for data in flood.MALFORMED:
+        assert parse_heartbeat(data) is None, data
+
+
+def test_count_is_exact(receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = run_json(
+        capsys, "--target", receiver.target, "--count", "20000", "--rate", "20000"
+    )
+    assert code == 0
+    assert report["sent"] == 20000
+    assert receiver.settle(20000) == 20000
+    assert receiver.drops() in (0, None)
+    assert classify(receiver.payloads, set(range(1000, 2000)))["valid"] == 20000
+
+
+def test_workers_split_count_exactly(
+    receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report = run_json(
+        capsys,
+        "--target", receiver.target,
+        "--workers", "2",
+        "--count", "20001",
+        "--rate", "20000",
+    )  # fmt: skip
+    assert code == 0
+    assert [w["sent"] for w in report["workers"]] == [10001, 10000]
+    assert report["sent"] == 20001
+    assert receiver.settle(20001) == 20001
+    assert receiver.drops() in (0, None)
+
+
+def test_rate_is_honoured(
+    receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start = time.monotonic()
+    code, report = run_json(
+        capsys, "--target", receiver.target, "--rate", "5000", "--duration", "3"
+    )
+    wall = time.monotonic() - start
+    assert code == 0
+    received = receiver.settle()
+    assert received == report["sent"]
+    assert 4500 <= received / report["elapsed"] <= 5500
+    assert 4500 <= received / wall <= 5500
+    assert 4500 <= report["rate"] <= 5500
+
+
+def test_stops_at_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    # A bound socket nobody reads: the kernel drops the overflow quietly.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sink.getsockname()[1]}"
+        start = time.monotonic()
+        code, report = run_json(
+            capsys, "--target", target, "--rate", "max", "--duration", "1"
+        )
+        wall = time.monotonic() - start
+    assert code == 0
+    assert report["sent"] > 0
+    assert 1.0 <= report["elapsed"] < 1.2
+    assert wall < 3.0
+
+
+def test_mix_shares(receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = run_json(
+        capsys,
+        "--target", receiver.target,
+        "--pids", "50",
+        "--pid-base", "4000",
+        "--mix", "malformed=0.2,unknown=0.3",
+        "--count", "20000",
+        "--rate", "20000",
+    )  # fmt: skip
+    assert code == 0
+    assert (report["malformed"], report["unknown"]) == (4000, 6000)
+    assert receiver.settle(20000) == 20000
+    kinds = classify(receiver.payloads, set(range(4000, 4050)))
+    assert abs(kinds["malformed"] / 20000 - 0.2) < 0.01
+    assert abs(kinds["unknown"] / 20000 - 0.3) < 0.01
+    assert kinds["valid"] == 20000 - kinds["malformed"] - kinds["unknown"]
+    assert any(len(p) > 1024 for p in receiver.payloads)  # oversized ones too
+
+
+def test_json_report(receiver: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = run_json(capsys, "--target", receiver.target, "--count", "100")
+    assert code == 0
+    assert {"sent", "elapsed", "rate", "workers", "mix", "target"} <= set(report)
+    assert report["target"] == receiver.target
+    assert report["mix"] == {"malformed": 0.0, "unknown": 0.0}
+    [worker] = report["workers"]
+    assert {"sent", "elapsed", "rate", "errors"} <= set(worker)
+    assert worker["sent"] == report["sent"] == 100
+    assert receiver.settle(100) == 100
+
+
+def test_text_report_and_progress_bar(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["--target", receiver.target, "--rate", "2000", "--duration", "1"]) == 0
+    text = out.getvalue()
+    redraws = text.count("\r")
+    assert 3 <= redraws <= 10 * 1 + 3  # at most 10 updates a second, plus erase
+    report = text.rpartition("\r")[2]
+    assert "total" in report and "rate/s" in report
+    assert receiver.settle() > 0
+
+
+def test_no_progress_bar_off_a_terminal(
+    receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["--target", receiver.target, "--rate", "2000", "--duration", "0.5"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "\r" not in out and "total" in out
+
+
+def test_ipv6_target(capsys: pytest.CaptureFixture[str]) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        rx = Receiver(socket.AF_INET6)
+    except OSError as exc:
+        pytest.skip(f"no ::1: {exc}")
+    try:
+        code, report = run_json(capsys, "--target", rx.target, "--count", "500")
+        assert code == 0 and report["sent"] == 500
+        assert rx.settle(500) == 500
+    finally:
+        rx.close()
+
+
+@pytest.fixture
+def no_sockets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Fail any socket creation or worker spawn; record the attempts."""
+    attempts: list[tuple[Any, ...]] = []
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args)
+        raise AssertionError("loadgen opened a socket or a worker")
+
+    monkeypatch.setattr(socket, "socket", forbidden)
+    monkeypatch.setattr(flood, "open_socket", forbidden)
+    monkeypatch.setattr("multiprocessing.get_context", forbidden)
+    return attempts
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("target", ["192.0.2.1:1664", "[2001:db8::1]:1664"])
+def test_refuses_non_loopback_target(
+    target: str,
+    workers: str,
+    no_sockets: list[tuple[Any, ...]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["--target", target, "--count", "10", "--workers", workers])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--target" in err and "loopback" in err and "--allow-remote" in err
+    assert no_sockets == []
+
+
+def test_allow_remote_lifts_the_check_only() -> None:
+    # Resolution only: nothing is sent anywhere.
+    family, sockaddr, shown = resolve_target("192.0.2.1:1664", allow_remote=True)
+    assert (family, sockaddr, shown) == (
+        socket.AF_INET,
+        ("192.0.2.1", 1664),
+        "192.0.2.1:1664",
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["nohost", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:x",
+     "[::1", "[::1]", "::1:1664", ":1664"],
+)  # fmt: skip
+def test_bad_target(
+    target: str, no_sockets: list[tuple[Any, ...]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--target", target, "--count", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--target {target!r}" in err
+    assert no_sockets == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--rate", "0"], "--rate"),
+        (["--rate", "fast"], "--rate"),
+        (["--count", "0"], "--count"),
+        (["--duration", "-1"], "--duration"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "1000"], "--workers"),
+        (["--mix", "malformed=2"], "--mix"),
+        (["--mix", "malformed=0.6,unknown=0.6"], "--mix"),
+        (["--mix", "bogus=0.1"], "--mix"),
+        (["--pids", "10", "--pid-base", str(2**31 - 5)], "--pid-base"),
+        (["--watchers", "web"], "--watchers"),
+        (["--pids", "3", "--endpoint", "tcp://127.0.0.1:5555"], "--endpoint"),
+    ],
+)
+def test_bad_options(
+    argv: list[str],
+    names: str,
+    no_sockets: list[tuple[Any, ...]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(argv) == 2
+    assert names in capsys.readouterr().err
+    assert no_sockets == []
+
+
+def test_help_gives_units(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for unit in ("datagrams/s", "seconds", "datagrams", "processes", "bytes"):
+        assert unit in out
+
+
+def test_python_dash_m_from_repo_root(receiver: Receiver) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadgen", "--target", receiver.target,
+         "--count", "1000", "--rate", "10000", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stdout
+    report = json.loads(proc.stdout)
+    assert report["sent"] == 1000
+    assert receiver.settle(1000) == 1000
+
+
+@pytest.mark.circusd
+def test_endpoint_reads_pids_from_circusd(
+    circusd_factory: Callable[..., Any],
+    receiver: Receiver,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from support import SLEEPER
+
+    circusd = circusd_factory(
+        f"[watcher:app]\ncmd = {SLEEPER}\nnumprocesses = 3\n\n"
+        f"[watcher:other]\ncmd = {SLEEPER}\nnumprocesses = 1\n"
+    )
+    app = circusd.wait_for(lambda: circusd.pids("app")[2:] and circusd.pids("app"), 10)
+    other = circusd.wait_for(lambda: circusd.pids("other"), 10)
+    code, report = run_json(
+        capsys,
+        "--target", receiver.target,
+        "--endpoint", circusd.endpoint,
+        "--watchers", "app",
+        "--count", "300",
+        "--rate", "3000",
+    )  # fmt: skip
+    assert code == 0 and report["sent"] == 300
+    assert receiver.settle(300) == 300
+    seen = {parse_heartbeat(p) for p in receiver.payloads}
+    assert seen == set(app)
+    assert not seen & set(other)
+
+    code = main(["--target", receiver.target, "--endpoint", circusd.endpoint,
+                 "--watchers", "nomatch", "--count", "1"])  # fmt: skip
+    assert code == 1
+    assert "no pid" in capsys.readouterr().err
+
+
+def test_endpoint_without_circusd(
+    receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from support import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    code = main(["--target", receiver.target, "--endpoint", endpoint,
+                 "--endpoint-timeout", "0.3", "--count", "1"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert endpoint in err and "list" in err
+    assert receiver.settle() == 0
