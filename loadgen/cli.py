@@ -8,6 +8,7 @@ import ipaddress
 import json
 import math
 import multiprocessing
+import os
 import re
 import socket
 import sys
@@ -583,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except RunError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader of the report went away (`| head`); the Python docs'
+        # recipe: point stdout at devnull so the exit flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
 
 

@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -160,16 +160,16 @@ class Sender:
             done = send_datagrams(self._sock, None, payloads)
             self.malformed += min(done, m)
             self.unknown += max(done - m, 0)
+            self.sent += done
             if done < m + u:
-                self.sent += done
                 return done
         if v:
             pos = self._pos
             got = send_heartbeats(self._sock, None, self._cycle[pos : pos + v], ts)
             self._pos = (pos + got) % self._npids
             self.valid += got
+            self.sent += got
             done += got
-        self.sent += done
         return done
 
 
@@ -240,7 +240,7 @@ STARTUP_TIMEOUT = 30.0  # seconds a worker waits for "go" before giving up
 
 
 def worker_main(
-    plan: Plan, conn: Connection, counters: Sequence[int] | ctypes.Array[Any]
+    plan: Plan, conn: Connection, counters: ctypes.Array[ctypes.c_longlong]
 ) -> None:
     """Entry point of a worker process: open, report ready, wait for go, run."""
     # The parent turns Ctrl-C into a "stop" message, so workers report a
@@ -258,11 +258,11 @@ def worker_main(
                 return
 
             def progress(sent: int) -> bool:
-                counters[plan.index] = sent  # type: ignore[index]
+                counters[plan.index] = sent
                 return conn.poll()  # any message from the parent means stop
 
             result = run(plan, sock, progress)
-            counters[plan.index] = result.sent  # type: ignore[index]
+            counters[plan.index] = result.sent
             conn.send(("result", result))
     finally:
         conn.close()

@@ -165,6 +165,14 @@ def test_address_default_env_and_argument(monkeypatch: pytest.MonkeyPatch) -> No
     assert get_address(("127.0.0.3", 7002)) == ("127.0.0.3", 7002)  # argument wins
 
 
+@pytest.mark.parametrize(
+    "address", [("127.0.0.1", 0), ("127.0.0.1", 70000), ("", 1664), ("h", True)]
+)
+def test_address_tuple_is_checked(address: tuple[str, int]) -> None:
+    with pytest.raises(ValueError, match="^address: "):
+        get_address(address)
+
+
 def test_env_address_is_honoured(
     receiver: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,9 +236,27 @@ def test_no_listener_does_not_raise() -> None:
     assert beat.sent + beat.errors >= 5
 
 
-def test_failed_send_returns_false() -> None:
-    # sendto port 0 fails (EINVAL on Linux): the error is swallowed.
-    assert send_heartbeat(("127.0.0.1", 0)) is False
+@pytest.fixture(params=["resolve", "sendto"])
+def failing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make every send fail: in getaddrinfo, or in sendto (to port 0: EINVAL)."""
+
+    def resolve(*args: object) -> tuple[int, tuple[str, int]]:
+        if request.param == "resolve":
+            raise socket.gaierror(socket.EAI_NONAME, "no such host")
+        return socket.AF_INET, ("127.0.0.1", 0)
+
+    async def aresolve(*args: object) -> tuple[int, tuple[str, int]]:
+        return resolve()
+
+    monkeypatch.setattr(client, "_resolve", resolve)
+    monkeypatch.setattr(client, "_aresolve", aresolve)
+    return request.param  # type: ignore[no-any-return]
+
+
+def test_failed_send_returns_false(failing: str) -> None:
+    fds = open_fds()
+    assert send_heartbeat() is False
+    assert open_fds() == fds
 
 
 # -- HeartbeatThread ------------------------------------------------------
@@ -263,8 +289,8 @@ def test_thread_stops_promptly_with_a_long_interval(receiver: socket.socket) -> 
     assert not beat.is_alive()
 
 
-def test_thread_counts_errors_and_keeps_going() -> None:
-    with HeartbeatThread(0.01, ("127.0.0.1", 0)) as beat:
+def test_thread_counts_errors_and_keeps_going(failing: str) -> None:
+    with HeartbeatThread(0.01) as beat:
         deadline = time.monotonic() + 5.0
         while beat.errors < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -349,7 +375,7 @@ def test_task_resolves_host_names(
         info = socket.getaddrinfo("localhost", 0, type=socket.SOCK_DGRAM)[0]
     except OSError:
         pytest.skip("localhost does not resolve")
-    with _receiver(info[0], info[4][0]) as sock:
+    with _receiver(info[0], str(info[4][0])) as sock:
 
         async def scenario() -> None:
             task = asyncio.ensure_future(
@@ -365,10 +391,10 @@ def test_task_resolves_host_names(
 
 
 def test_task_survives_failed_sends(
-    run: Callable[[Coroutine[Any, Any, Any]], Any],
+    failing: str, run: Callable[[Coroutine[Any, Any, Any]], Any]
 ) -> None:
     async def scenario() -> None:
-        task = start_heartbeat_task(0.01, ("127.0.0.1", 0))
+        task = start_heartbeat_task(0.01)
         await asyncio.sleep(0.1)
         assert not task.done()
         task.cancel()
@@ -427,12 +453,8 @@ def test_cli_in_process(receiver: socket.socket) -> None:
 
 
 def test_cli_reports_failed_sends(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    failing: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def unresolvable(*args: object) -> None:
-        raise socket.gaierror(socket.EAI_NONAME, "no such host")
-
-    monkeypatch.setattr(client, "_resolve", unresolvable)
     assert main(["--count", "3", "--interval", "0.01"]) == 1
     err = capsys.readouterr().err
     assert err.count("cannot send") == 1  # said once, not once per beat

@@ -131,7 +131,7 @@ BAD = [
     ("msg_regex", "^(?P<process>.*);(?P<timestamp>.*)$"),
     ("max_count", "0"),
     ("max_count", "2.5"),
-    ("ip", "localhost"),
+    ("ip", "no-such-host.invalid"),
     ("ip", "256.0.0.1"),
     ("port", "65536"),
     ("port", "-1"),
@@ -458,3 +458,8 @@ def test_ini_bad_value_names_option(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[plugin:watchdog]\nmax_count = many\n")
     with pytest.raises(ConfigError, match=r"invalid max_count \(--max-count\)"):
         parse_cli("--circus-ini", path)
+
+
+def test_ip_accepts_a_host_name_like_the_original() -> None:
+    assert Config.from_options({"ip": "localhost"}).ip == "127.0.0.1"
+    assert Config.from_options({"ip": "::1"}).ip == "::1"

@@ -149,3 +149,24 @@ def test_send_ipv6_loopback(core: ModuleType) -> None:
         assert core.send_heartbeats(tx, ("::1", port), [42]) == 1
         rx.settimeout(2)
         assert rx.recv(100) == b"42;0.000"
+
+
+def test_kernel_drops_are_seen(core: ModuleType) -> None:
+    so_rxq_ovfl = getattr(socket, "SO_RXQ_OVFL", 40)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # tiny: it drops
+        rx.setsockopt(socket.SOL_SOCKET, so_rxq_ovfl, 1)
+        rx.bind(("127.0.0.1", 0))
+        addr = rx.getsockname()
+        table = core.HeartbeatTable(3.0, 0.1)
+        assert table.kernel_drops == 0
+        sent = core.send_heartbeats(tx, addr, list(range(1, 2001)))
+        first = table.drain(rx, 1.0, 100_000).datagrams
+        assert first < sent  # the rest was dropped by the kernel
+        assert table.kernel_drops == 0  # queued before the drops: no count yet
+        core.send_heartbeats(tx, addr, [1, 2, 3])
+        assert table.drain(rx, 1.0, 100).datagrams == 3
+        assert table.kernel_drops == sent - first

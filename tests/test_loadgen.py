@@ -385,8 +385,9 @@ def test_endpoint_reads_pids_from_circusd(
         f"[watcher:app]\ncmd = {SLEEPER}\nnumprocesses = 3\n\n"
         f"[watcher:other]\ncmd = {SLEEPER}\nnumprocesses = 1\n"
     )
-    app = circusd.wait_for(lambda: circusd.pids("app")[2:] and circusd.pids("app"), 10)
+    circusd.wait_for(lambda: len(circusd.pids("app")) == 3, 10)
     other = circusd.wait_for(lambda: circusd.pids("other"), 10)
+    app = circusd.pids("app")
     code, report = run_json(
         capsys,
         "--target", receiver.target,

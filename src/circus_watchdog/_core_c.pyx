@@ -14,11 +14,17 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.math cimport floor
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdio cimport snprintf
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from ._syscalls cimport (
     AF_INET,
     AF_INET6,
+    CMSG_DATA,
+    CMSG_FIRSTHDR,
+    CMSG_NXTHDR,
+    SO_RXQ_OVFL,
+    SOL_SOCKET,
+    cmsghdr,
     MSG_DONTWAIT,
     MSG_TRUNC,
     htons,
@@ -44,6 +50,8 @@ cdef enum:
     BATCH = 64
     RECV_SIZE = MAX_DATAGRAM + 1  # one spare byte tells an oversized datagram
     SEND_SIZE = 48  # "2147483647;" + a %.3f timestamp fits easily
+    # Room for one SO_RXQ_OVFL control message: CMSG_SPACE(4) is 24 on LP64.
+    CONTROL_SIZE = 32
     NONE = -1
     EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
 
@@ -165,6 +173,8 @@ cdef class HeartbeatTable:
     cdef unsigned char *_rbuf
     cdef mmsghdr *_msgs
     cdef iovec *_iov
+    cdef unsigned char *_control
+    cdef uint32_t _drops
 
     def __cinit__(self, timeout, tick):
         self._slots = NULL
@@ -173,6 +183,7 @@ cdef class HeartbeatTable:
         self._rbuf = NULL
         self._msgs = NULL
         self._iov = NULL
+        self._control = NULL
 
     def __init__(self, timeout, tick):
         cdef int64_t size, i
@@ -187,8 +198,10 @@ cdef class HeartbeatTable:
         self._rbuf = <unsigned char *>PyMem_RawMalloc(BATCH * RECV_SIZE)
         self._msgs = <mmsghdr *>PyMem_RawMalloc(BATCH * sizeof(mmsghdr))
         self._iov = <iovec *>PyMem_RawMalloc(BATCH * sizeof(iovec))
+        self._control = <unsigned char *>PyMem_RawMalloc(BATCH * CONTROL_SIZE)
         if (self._heads == NULL or self._entries == NULL or self._slots == NULL
-                or self._rbuf == NULL or self._msgs == NULL or self._iov == NULL):
+                or self._rbuf == NULL or self._msgs == NULL or self._iov == NULL
+                or self._control == NULL):
             raise MemoryError()
         for i in range(size):
             self._heads[i] = NONE
@@ -199,6 +212,8 @@ cdef class HeartbeatTable:
             self._iov[i].iov_len = RECV_SIZE
             self._msgs[i].msg_hdr.msg_iov = &self._iov[i]
             self._msgs[i].msg_hdr.msg_iovlen = 1
+            self._msgs[i].msg_hdr.msg_control = self._control + i * CONTROL_SIZE
+        self._drops = 0
         self._nslots = 0
         self._free = NONE
         self._count = 0
@@ -214,6 +229,7 @@ cdef class HeartbeatTable:
         PyMem_RawFree(self._rbuf)
         PyMem_RawFree(self._msgs)
         PyMem_RawFree(self._iov)
+        PyMem_RawFree(self._control)
 
     @property
     def timeout(self):
@@ -447,15 +463,41 @@ cdef class HeartbeatTable:
         cdef int n, i
         for i in range(want):
             self._msgs[i].msg_hdr.msg_flags = 0
+            self._msgs[i].msg_hdr.msg_controllen = CONTROL_SIZE
         while True:
             n = recvmmsg(fd, self._msgs, want, MSG_DONTWAIT, NULL)
             if n >= 0:
+                self._note_drops(n)
                 return n
             if errno == EINTR:
                 continue
             if errno == EAGAIN:  # == EWOULDBLOCK on Linux: nothing queued
                 return 0
             raise OSError(errno, os.strerror(errno))
+
+    cdef inline void _note_drops(self, int n) noexcept nogil:
+        # With SO_RXQ_OVFL set on the socket, a datagram queued after a drop
+        # carries the socket's cumulative drop count (socket(7)); the newest
+        # is the largest.
+        cdef int i
+        cdef cmsghdr *c
+        cdef uint32_t count
+        for i in range(n):
+            if self._msgs[i].msg_hdr.msg_controllen == 0:
+                continue
+            c = CMSG_FIRSTHDR(&self._msgs[i].msg_hdr)
+            while c != NULL:
+                if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_RXQ_OVFL:
+                    memcpy(&count, CMSG_DATA(c), sizeof(uint32_t))
+                    if count > self._drops:
+                        self._drops = count
+                c = CMSG_NXTHDR(&self._msgs[i].msg_hdr, c)
+
+    @property
+    def kernel_drops(self):
+        """Datagrams the kernel dropped on the drained socket, as of the last
+        datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
+        return self._drops
 
     def drain(self, sock, double now, int budget):
         """Read up to ``budget`` waiting datagrams and apply their heartbeats."""

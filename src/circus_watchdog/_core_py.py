@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -21,6 +22,10 @@ from typing import NamedTuple
 MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
 PID_MAX = 2**31 - 1  # pid_t is a signed 32-bit int on Linux and macOS
 _NONE = -1  # "no slot" in the linked lists
+#: socket(7): with this option set, a datagram queued after a drop carries the
+#: socket's cumulative drop count as a control message.
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
+_CONTROL_SIZE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 
 
 class DrainCounts(NamedTuple):
@@ -122,6 +127,7 @@ class HeartbeatTable:
         self._next_tick = 0  # first tick not yet fully processed
         self._started = False
         self._buf = bytearray(MAX_DATAGRAM + 1)
+        self._drops = 0
 
     @property
     def timeout(self) -> float:
@@ -256,6 +262,26 @@ class HeartbeatTable:
 
     # -- sockets -----------------------------------------------------------
 
+    @property
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on the drained socket, as of the last
+        datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
+        return self._drops
+
+    def _recv(self, sock: socket.socket) -> int:
+        # One datagram into self._buf: its length (MAX_DATAGRAM + 1 when it
+        # was longer), or -1 when nothing is queued.
+        try:
+            n, ancdata, flags, _ = sock.recvmsg_into(
+                [self._buf], _CONTROL_SIZE, socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return -1
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                self._drops = max(self._drops, int.from_bytes(data[:4], sys.byteorder))
+        return MAX_DATAGRAM + 1 if flags & socket.MSG_TRUNC else n
+
     def drain(self, sock: socket.socket | int, now: float, budget: int) -> DrainCounts:
         """Read up to ``budget`` waiting datagrams and apply their heartbeats.
 
@@ -270,11 +296,9 @@ class HeartbeatTable:
         buf = self._buf
         index, last = self._index, self._last
         datagrams = heartbeats = unknown = malformed = 0
-        recv_into = sock.recv_into
         while datagrams < budget:
-            try:
-                n = recv_into(buf, MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+            n = self._recv(sock)
+            if n < 0:
                 break
             datagrams += 1
             pid = parse_heartbeat(bytes(buf[:n])) if n <= MAX_DATAGRAM else None
@@ -304,11 +328,9 @@ class HeartbeatTable:
         buf = self._buf
         payloads: list[bytes] = []
         oversized = 0
-        recv_into = sock.recv_into
         while len(payloads) + oversized < budget:
-            try:
-                n = recv_into(buf, MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+            n = self._recv(sock)
+            if n < 0:
                 break
             if n > MAX_DATAGRAM:
                 oversized += 1

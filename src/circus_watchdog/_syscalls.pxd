@@ -28,6 +28,13 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     struct timespec:
         pass
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msgh)
+    cmsghdr *CMSG_NXTHDR(msghdr *msgh, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags,
                  timespec *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
@@ -36,6 +43,8 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET6
         MSG_DONTWAIT
         MSG_TRUNC
+        SOL_SOCKET
+        SO_RXQ_OVFL
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:

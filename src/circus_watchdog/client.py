@@ -65,7 +65,16 @@ def get_address(address: Address | str | None = None) -> Address:
     if isinstance(address, str):
         return parse_address(address)
     if address is not None:
-        return address
+        host, port = address
+        # getaddrinfo would silently wrap port 70000 to 4464.
+        if not (isinstance(host, str) and host and type(port) is int) or not (
+            1 <= port <= 65535
+        ):
+            raise ValueError(
+                "address: expected (host, port) with a port in 1..65535, "
+                f"got {address!r}"
+            )
+        return host, port
     text = os.environ.get(ADDRESS_ENV)
     if text:  # unset or empty: the default
         return parse_address(text, ADDRESS_ENV)
@@ -98,9 +107,8 @@ def _resolve(host: str, port: int, flags: int = 0) -> _Resolved:
 class _Sender:
     """One UDP socket, opened on first use; counts sends and swallowed errors."""
 
-    def __init__(self, address: Address, *, blocking: bool = True) -> None:
+    def __init__(self, address: Address) -> None:
         self.address = address
-        self.blocking = blocking
         self.resolved: _Resolved | None = None
         self.sock: socket.socket | None = None
         self.sent = 0
@@ -113,7 +121,7 @@ class _Sender:
                 self.resolved = _resolve(*self.address)
             if self.sock is None:
                 sock = socket.socket(self.resolved[0], socket.SOCK_DGRAM)
-                sock.setblocking(self.blocking)
+                sock.setblocking(False)  # never stall a thread, a loop, stop()
                 self.sock = sock
             # Unconnected UDP: no ECONNREFUSED from an earlier ICMP on Linux;
             # a full buffer (EAGAIN) or anything else just loses this beat.
@@ -221,7 +229,7 @@ async def heartbeat_task(
     interval = _check_interval(interval)
     address = get_address(address)
     loop = asyncio.get_running_loop()
-    sender = _Sender(address, blocking=False)  # sendto never stalls the loop
+    sender = _Sender(address)
     try:
         next_at = loop.time()
         while True:

@@ -16,6 +16,7 @@ import math
 import re
 import shlex
 import signal
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -117,10 +118,17 @@ def _msg_regex(raw: str) -> str:
 
 def _ip(raw: str) -> str:
     try:
-        ipaddress.ip_address(raw)
+        return str(ipaddress.ip_address(raw))
     except ValueError:
-        raise ValueError("an IPv4 or IPv6 address such as 127.0.0.1 or ::1") from None
-    return raw
+        pass
+    # A host name, as the original's bind() accepted: resolved once, IPv4 first
+    # like its AF_INET socket, so the engine binds an address literal.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return str(socket.getaddrinfo(raw, None, family)[0][4][0])
+        except (OSError, UnicodeError):
+            continue
+    raise ValueError("an IP address such as 127.0.0.1 or ::1, or a host name")
 
 
 def _signal(raw: str) -> int:
