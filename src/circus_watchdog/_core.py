@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._core_py import (
         DrainCounts,
         HeartbeatTable,
+        notify_kind,
         parse_heartbeat,
         send_datagrams,
         send_heartbeats,
@@ -27,6 +28,7 @@ elif (
     from ._core_py import (
         DrainCounts,
         HeartbeatTable,
+        notify_kind,
         parse_heartbeat,
         send_datagrams,
         send_heartbeats,
@@ -59,6 +61,7 @@ __all__ = (
     "DrainCounts",
     "HeartbeatTable",
     "compiled",
+    "notify_kind",
     "parse_heartbeat",
     "send_datagrams",
     "send_heartbeats",

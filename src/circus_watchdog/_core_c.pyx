@@ -14,7 +14,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.math cimport floor
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from ._syscalls cimport (
     AF_INET,
@@ -22,9 +22,11 @@ from ._syscalls cimport (
     CMSG_DATA,
     CMSG_FIRSTHDR,
     CMSG_NXTHDR,
+    SCM_CREDENTIALS,
     SO_RXQ_OVFL,
     SOL_SOCKET,
     cmsghdr,
+    ucred,
     MSG_DONTWAIT,
     MSG_TRUNC,
     htons,
@@ -50,8 +52,9 @@ cdef enum:
     BATCH = 64
     RECV_SIZE = MAX_DATAGRAM + 1  # one spare byte tells an oversized datagram
     SEND_SIZE = 48  # "2147483647;" + a %.3f timestamp fits easily
-    # Room for one SO_RXQ_OVFL control message: CMSG_SPACE(4) is 24 on LP64.
-    CONTROL_SIZE = 32
+    # Room for the control messages we ask for: SO_RXQ_OVFL, CMSG_SPACE(4) = 24,
+    # and SCM_CREDENTIALS, CMSG_SPACE(sizeof(struct ucred)) = 32, on LP64.
+    CONTROL_SIZE = 64
     NONE = -1
     EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
 
@@ -152,6 +155,41 @@ def parse_heartbeat(data):
     return pid if pid else None
 
 
+cdef inline int _notify_kind(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    # The rules of _core_py.notify_kind: 1 if a line is exactly WATCHDOG=1,
+    # 0 for other sd_notify assignments, -1 for anything else.
+    cdef Py_ssize_t start = 0, end, i
+    cdef bint assignment, watchdog = False, seen = False
+    cdef const char *word = b"WATCHDOG=1"
+    while start <= n:
+        end = start
+        while end < n and p[end] != c'\n':
+            end += 1
+        if end > start:
+            assignment = False
+            for i in range(start, end):
+                if p[i] == c'=' and i > start:
+                    assignment = True
+                    break
+            if not assignment:
+                return -1
+            seen = True
+            if end - start == 10 and memcmp(p + start, word, 10) == 0:
+                watchdog = True
+        start = end + 1
+    if not seen:
+        return -1
+    return 1 if watchdog else 0
+
+
+def notify_kind(data):
+    """1 for an sd_notify message with ``WATCHDOG=1``, 0 for another sd_notify
+    message, -1 for anything else."""
+    cdef bytes b = data if type(data) is bytes else bytes(data)
+    return _notify_kind(<const unsigned char *>PyBytes_AS_STRING(b),
+                        PyBytes_GET_SIZE(b))
+
+
 cdef inline uint32_t _hash(int32_t pid, int bits) noexcept nogil:
     # Fibonacci hashing: pids are dense and sequential, the multiply spreads them.
     return (<uint32_t>pid * <uint32_t>2654435769u) >> (32 - bits)
@@ -175,6 +213,7 @@ cdef class HeartbeatTable:
     cdef iovec *_iov
     cdef unsigned char *_control
     cdef uint32_t _drops
+    cdef int32_t _sender[BATCH]  # pid from SCM_CREDENTIALS, 0 if none
 
     def __cinit__(self, timeout, tick):
         self._slots = NULL
@@ -478,11 +517,14 @@ cdef class HeartbeatTable:
     cdef inline void _note_drops(self, int n) noexcept nogil:
         # With SO_RXQ_OVFL set on the socket, a datagram queued after a drop
         # carries the socket's cumulative drop count (socket(7)); the newest
-        # is the largest.
+        # is the largest.  With SO_PASSCRED on a Unix socket, each carries the
+        # sender's pid as the kernel saw it (unix(7)).
         cdef int i
         cdef cmsghdr *c
         cdef uint32_t count
+        cdef ucred cred
         for i in range(n):
+            self._sender[i] = 0
             if self._msgs[i].msg_hdr.msg_controllen == 0:
                 continue
             c = CMSG_FIRSTHDR(&self._msgs[i].msg_hdr)
@@ -491,6 +533,9 @@ cdef class HeartbeatTable:
                     memcpy(&count, CMSG_DATA(c), sizeof(uint32_t))
                     if count > self._drops:
                         self._drops = count
+                elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_CREDENTIALS:
+                    memcpy(&cred, CMSG_DATA(c), sizeof(ucred))
+                    self._sender[i] = cred.pid
                 c = CMSG_NXTHDR(&self._msgs[i].msg_hdr, c)
 
     @property
@@ -518,6 +563,39 @@ cdef class HeartbeatTable:
                 if pid == 0:
                     malformed += 1
                     continue
+                slot = self._find(pid)
+                if slot == NONE:
+                    unknown += 1
+                    continue
+                heartbeats += 1
+                if now > self._slots[slot].last:
+                    self._slots[slot].last = now
+            datagrams += n
+            if n < want:
+                break
+        return DrainCounts(datagrams, heartbeats, unknown, malformed)
+
+    def drain_notify(self, sock, double now, int budget):
+        """Read up to ``budget`` sd_notify datagrams from a Unix socket with
+        SO_PASSCRED and apply ``WATCHDOG=1`` as a heartbeat of the sender's pid."""
+        cdef int fd = sock if type(sock) is int else sock.fileno()
+        cdef int64_t datagrams = 0, heartbeats = 0, unknown = 0, malformed = 0
+        cdef int n, i, want, kind
+        cdef int32_t pid, slot
+        while datagrams < budget:
+            want = BATCH if budget - datagrams > BATCH else <int>(budget - datagrams)
+            n = self._recv(fd, want)
+            for i in range(n):
+                pid = self._sender[i]
+                if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC or pid <= 0:
+                    malformed += 1
+                    continue
+                kind = _notify_kind(self._rbuf + i * RECV_SIZE, self._msgs[i].msg_len)
+                if kind < 0:
+                    malformed += 1
+                    continue
+                if kind == 0:
+                    continue  # READY=1, STATUS=...: valid, not a heartbeat
                 slot = self._find(pid)
                 if slot == NONE:
                     unknown += 1
@@ -584,6 +662,8 @@ cdef int _sendmmsg(int fd, mmsghdr *msgs, int n) except -1:
             if errno == EINTR:
                 continue
             if errno == EAGAIN:
+                break
+            if sent:  # report what went out; the error recurs on the next call
                 break
             raise OSError(errno, os.strerror(errno))
         sent += r

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import socket
+import struct
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,13 @@ _NONE = -1  # "no slot" in the linked lists
 #: socket(7): with this option set, a datagram queued after a drop carries the
 #: socket's cumulative drop count as a control message.
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
-_CONTROL_SIZE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)  # Linux only
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+_CONTROL_SIZE = (
+    socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_UCRED.size)
+    if hasattr(socket, "CMSG_SPACE")
+    else 0
+)
 
 
 class DrainCounts(NamedTuple):
@@ -72,6 +79,19 @@ def parse_heartbeat(data: bytes) -> int | None:
         except UnicodeDecodeError:
             return None
     return pid
+
+
+def notify_kind(data: bytes) -> int:
+    """1 for an sd_notify message with ``WATCHDOG=1``, 0 for another sd_notify
+    message, -1 for anything else.
+
+    sd_notify messages are newline-separated ``NAME=VALUE`` assignments
+    (sd_notify(3)); empty lines are skipped.
+    """
+    lines = [line for line in bytes(data).split(b"\n") if line]
+    if not lines or any(line.find(b"=") <= 0 for line in lines):
+        return -1
+    return 1 if b"WATCHDOG=1" in lines else 0
 
 
 def _check_args(timeout: float, tick: float) -> tuple[float, float]:
@@ -128,6 +148,7 @@ class HeartbeatTable:
         self._started = False
         self._buf = bytearray(MAX_DATAGRAM + 1)
         self._drops = 0
+        self._sender = 0
 
     @property
     def timeout(self) -> float:
@@ -270,17 +291,61 @@ class HeartbeatTable:
 
     def _recv(self, sock: socket.socket) -> int:
         # One datagram into self._buf: its length (MAX_DATAGRAM + 1 when it
-        # was longer), or -1 when nothing is queued.
+        # was longer), or -1 when nothing is queued.  Notes the kernel's drop
+        # count (SO_RXQ_OVFL) and the sender's pid (SCM_CREDENTIALS, Unix
+        # sockets with SO_PASSCRED) in self._drops and self._sender.
         try:
             n, ancdata, flags, _ = sock.recvmsg_into(
                 [self._buf], _CONTROL_SIZE, socket.MSG_DONTWAIT
             )
         except BlockingIOError:
             return -1
+        self._sender = 0
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
-                self._drops = max(self._drops, int.from_bytes(data[:4], sys.byteorder))
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == SO_RXQ_OVFL and len(data) >= 4:
+                count = int.from_bytes(data[:4], sys.byteorder)
+                self._drops = max(self._drops, count)
+            elif kind == _SCM_CREDENTIALS and len(data) >= _UCRED.size:
+                self._sender = _UCRED.unpack_from(data)[0]
         return MAX_DATAGRAM + 1 if flags & socket.MSG_TRUNC else n
+
+    def drain_notify(
+        self, sock: socket.socket | int, now: float, budget: int
+    ) -> DrainCounts:
+        """Read up to ``budget`` sd_notify datagrams from a Unix socket with
+        SO_PASSCRED and apply ``WATCHDOG=1`` as a heartbeat of the sender's pid.
+
+        The pid comes from the kernel's credentials, never from the payload.
+        A valid message without ``WATCHDOG=1`` (``READY=1``, ``STATUS=...``) is
+        counted only in ``datagrams``.
+        """
+        if isinstance(sock, int):
+            with _borrowed(sock) as borrowed:
+                return self.drain_notify(borrowed, now, budget)
+        index, last = self._index, self._last
+        datagrams = heartbeats = unknown = malformed = 0
+        while datagrams < budget:
+            n = self._recv(sock)
+            if n < 0:
+                break
+            datagrams += 1
+            pid = self._sender
+            kind = notify_kind(self._buf[:n]) if n <= MAX_DATAGRAM else -1
+            if pid <= 0 or kind < 0:
+                malformed += 1
+                continue
+            if kind == 0:
+                continue
+            slot = index.get(pid)
+            if slot is None:
+                unknown += 1
+                continue
+            heartbeats += 1
+            if now > last[slot]:
+                last[slot] = now
+        return DrainCounts(datagrams, heartbeats, unknown, malformed)
 
     def drain(self, sock: socket.socket | int, now: float, budget: int) -> DrainCounts:
         """Read up to ``budget`` waiting datagrams and apply their heartbeats.
@@ -364,6 +429,10 @@ def _sendto_all(
                 sock.sendto(payload, socket.MSG_DONTWAIT, addr)
         except BlockingIOError:
             break
+        except OSError:
+            if sent:  # report what went out; the error recurs on the next call
+                break
+            raise
         sent += 1
     return sent
 

@@ -45,6 +45,11 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_TRUNC
         SOL_SOCKET
         SO_RXQ_OVFL
+        SCM_CREDENTIALS
+    struct ucred:
+        int pid
+        unsigned int uid
+        unsigned int gid
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
