@@ -50,7 +50,7 @@ def test_drain_counts_every_kind(
     assert counts.datagrams == counts.heartbeats + counts.unknown + counts.malformed
     assert all(table.last_seen(pid) == 5.0 for pid in range(1, 101))
     assert len(table) == 100
-    assert table.drain(rx, 6.0, 10_000) == (0, 0, 0, 0)  # empty: returns at once
+    assert table.drain(rx, 6.0, 10_000) == (0, 0, 0, 0, 0)  # empty: returns at once
 
 
 def test_drain_respects_budget(
@@ -133,7 +133,7 @@ def test_send_heartbeats(
     assert core.send_heartbeats(tx, None, list(range(1, 201))) == 200
     table = core.HeartbeatTable(3.0, 0.1)
     table.add(200, "w", 0.0)
-    assert table.drain(rx, 1.0, 1000) == (200, 1, 199, 0)
+    assert table.drain(rx, 1.0, 1000) == (200, 1, 199, 0, 0)
 
 
 def test_send_ipv6_loopback(core: ModuleType) -> None:
@@ -170,3 +170,29 @@ def test_kernel_drops_are_seen(core: ModuleType) -> None:
         core.send_heartbeats(tx, addr, [1, 2, 3])
         assert table.drain(rx, 1.0, 100).datagrams == 3
         assert table.kernel_drops == sent - first
+
+
+def test_drain_max_age(
+    core: ModuleType, pair: tuple[socket.socket, socket.socket, tuple[str, int]]
+) -> None:
+    rx, tx, addr = pair
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(7, "w", 0.0)
+    wall = 1764310000.0
+    send_all(
+        tx,
+        addr,
+        [
+            b"7;1764310000.5",  # fresh
+            b"7;1764309995",  # 5 s old: fine with max_age 10
+            b"7;1764309900",  # 100 s old: stale
+            b"7;1764310100",  # 100 s in the future: stale (a replay or bad clock)
+            b"7;soon",  # not a number: stale when max_age is on
+            b"8;1764310000",  # fresh, unknown pid
+            b"x;1764310000",  # malformed
+        ],
+    )
+    counts = table.drain(rx, 1.0, 100, 10.0, wall)
+    assert counts == core.DrainCounts(7, 2, 1, 1, 3)
+    send_all(tx, addr, [b"7;1764309900", b"7;soon"])
+    assert table.drain(rx, 2.0, 100).heartbeats == 2  # max_age off: no check

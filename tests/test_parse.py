@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -113,3 +114,37 @@ def test_twins_agree(data: bytes) -> None:
     from circus_watchdog import _core_c, _core_py
 
     assert _core_c.parse_heartbeat(data) == _core_py.parse_heartbeat(data)
+
+
+TIMESTAMPS: list[tuple[bytes, float | None]] = [
+    (b"12;1764310000.123", 1764310000.123),
+    (b"12;1764310000", 1764310000.0),
+    (b"12;1764310000.", 1764310000.0),
+    (b"12;.5", 0.5),
+    (b"12;17\n", 17.0),
+    (b"12;17\r\n", 17.0),
+    (b"12;", None),
+    (b"12;.", None),
+    (b"12;abc", None),
+    (b"12;1e9", None),
+    (b"12;-5", None),
+    (b"12; 5", None),
+    (b"12;1_000", None),
+    (b"12;inf", None),
+    (b"12;1.2.3", None),
+    (b"12;" + b"1" * 33, None),
+    (b"0;5", None),  # not a heartbeat at all
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), TIMESTAMPS, ids=repr)
+def test_heartbeat_timestamp(core: Any, data: bytes, expected: float | None) -> None:
+    assert core.heartbeat_timestamp(data) == expected
+
+
+@pytest.mark.c_extension
+@given(data=st.one_of(heartbeat_like, st.binary(max_size=64)))
+def test_timestamp_twins_agree(data: bytes) -> None:
+    from circus_watchdog import _core_c, _core_py
+
+    assert _core_c.heartbeat_timestamp(data) == _core_py.heartbeat_timestamp(data)

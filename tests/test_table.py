@@ -138,10 +138,15 @@ class Model:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.last: dict[int, tuple[float, str]] = {}
+        self.wlimit: dict[str, float] = {}
+        self.last: dict[int, tuple[float, str, float]] = {}  # last, watcher, limit
 
-    def add(self, pid: int, watcher: str, now: float) -> None:
-        self.last[pid] = (now, watcher)
+    def set_watcher_timeout(self, watcher: str, timeout: float) -> None:
+        self.wlimit[watcher] = timeout
+
+    def add(self, pid: int, watcher: str, now: float, grace: float | None) -> None:
+        limit = self.wlimit.get(watcher, self.timeout) if grace is None else grace
+        self.last[pid] = (now, watcher, limit)
 
     def remove(self, pid: int) -> bool:
         return self.last.pop(pid, None) is not None
@@ -149,12 +154,13 @@ class Model:
     def beat(self, pid: int, now: float) -> bool:
         if pid not in self.last:
             return False
-        seen, watcher = self.last[pid]
-        self.last[pid] = (max(seen, now), watcher)
+        seen, watcher, _ = self.last[pid]
+        limit = self.wlimit.get(watcher, self.timeout)
+        self.last[pid] = (max(seen, now), watcher, limit)
         return True
 
     def expire(self, now: float) -> list[tuple[int, str]]:
-        out = [(p, w) for p, (s, w) in self.last.items() if s + self.timeout < now]
+        out = [(p, w) for p, (s, w, lim) in self.last.items() if s + lim < now]
         for pid, _ in out:
             del self.last[pid]
         return out
@@ -188,12 +194,21 @@ def make_machine(classes: list[type]) -> type[RuleBasedStateMachine]:
         def advance(self, dt: float) -> None:
             self.now += dt
 
-        @rule(pid=PIDS, watcher=WATCHERS)
-        def add(self, pid: int, watcher: str) -> None:
+        @rule(pid=PIDS, watcher=WATCHERS, grace=st.sampled_from([None, 0.3, 2, 40]))
+        def add(self, pid: int, watcher: str, grace: float | None) -> None:
             assert self.model is not None
-            self.model.add(pid, watcher, self.now)
+            self.model.add(pid, watcher, self.now, grace)
             for t in self.tables:
-                t.add(pid, watcher, self.now)
+                t.add(pid, watcher, self.now, grace)
+
+        @precondition(lambda self: self.model is not None)
+        @rule(watcher=WATCHERS, timeout=st.sampled_from([0.4, 1.0, 5.0, 30.0]))
+        def set_watcher_timeout(self, watcher: str, timeout: float) -> None:
+            assert self.model is not None
+            self.model.set_watcher_timeout(watcher, timeout)
+            for t in self.tables:
+                t.set_watcher_timeout(watcher, timeout)
+                assert t.watcher_timeout(watcher) == timeout
 
         @rule(pid=PIDS)
         def remove(self, pid: int) -> None:
@@ -227,7 +242,7 @@ def make_machine(classes: list[type]) -> type[RuleBasedStateMachine]:
             for t in self.tables:
                 assert len(t) == len(self.model.last)
                 assert sorted(t.pids()) == sorted(self.model.last)
-                for pid, (seen, watcher) in self.model.last.items():
+                for pid, (seen, watcher, _) in self.model.last.items():
                     assert t.last_seen(pid) == seen
                     assert t.watcher_of(pid) == watcher
 
@@ -249,3 +264,29 @@ def test_stateful_twins_agree() -> None:
         make_machine([_core_c.HeartbeatTable, _core_py.HeartbeatTable]),
         settings=settings(max_examples=150, stateful_step_count=60, deadline=None),
     )
+
+
+def test_grace_until_the_first_beat(table_cls: type) -> None:
+    t = table_cls(2.0, 0.5)
+    t.add(1, "slow", 0.0, grace=10.0)
+    t.add(2, "slow", 0.0)
+    assert t.expire(5.0) == [(2, "slow")]  # no grace: timeout 2 s
+    assert t.expire(9.0) == []  # still in its 10 s grace
+    t.beat(1, 9.5)  # the first beat ends the grace: timeout again
+    assert t.expire(11.0) == []
+    assert t.expire(11.6) == [(1, "slow")]
+
+
+def test_watcher_timeouts(table_cls: type) -> None:
+    t = table_cls(2.0, 0.5)
+    t.set_watcher_timeout("batch", 30.0)
+    assert t.watcher_timeout("batch") == 30.0 and t.watcher_timeout("web") == 2.0
+    t.add(1, "batch", 0.0)
+    t.add(2, "web", 0.0)
+    assert t.expire(3.0) == [(2, "web")]
+    assert t.expire(29.0) == []
+    assert t.expire(30.5) == [(1, "batch")]
+    with pytest.raises(ValueError, match="timeout"):
+        t.set_watcher_timeout("web", 0)
+    with pytest.raises(ValueError, match="grace"):
+        t.add(3, "web", 0.0, grace=-1)

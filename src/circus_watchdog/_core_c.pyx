@@ -14,6 +14,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.math cimport floor
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdio cimport snprintf
+from libc.stdlib cimport strtod
 from libc.string cimport memcmp, memcpy, memset
 
 from ._syscalls cimport (
@@ -43,7 +44,13 @@ import os
 
 from ._core_py import MAX_DATAGRAM as _PY_MAX_DATAGRAM
 from ._core_py import PID_MAX as _PY_PID_MAX
-from ._core_py import DrainCounts, _check_args, _check_pid, _wheel_size
+from ._core_py import (
+    DrainCounts,
+    _check_args,
+    _check_pid,
+    _check_seconds,
+    _wheel_size,
+)
 
 cdef enum:
     MAX_DATAGRAM = 1024
@@ -65,6 +72,7 @@ assert _PY_MAX_DATAGRAM == MAX_DATAGRAM and _PY_PID_MAX == PID_MAX
 
 ctypedef struct Slot:
     double last      # last heartbeat (or add)
+    double limit     # seconds of silence allowed: grace until a beat, then timeout
     int32_t pid
     int32_t next     # next slot in the same bucket, or NONE (free list link)
     int32_t prev     # >= 0: previous slot; < 0: head of bucket -prev-1
@@ -147,6 +155,46 @@ cdef inline int32_t _parse(const unsigned char *p, Py_ssize_t n) noexcept nogil:
     return <int32_t>pid
 
 
+cdef bint _timestamp(const unsigned char *p, Py_ssize_t n, double *out) noexcept nogil:
+    # The rules of _core_py.heartbeat_timestamp, on a datagram _parse accepted:
+    # the text after the last `;` (less a final \n, then a final \r) must be
+    # digits with at most one `.`, at most 32 characters.
+    cdef Py_ssize_t start = n, end = n, i
+    cdef char text[33]
+    cdef bint dot = False, digit = False
+    if end > 0 and p[end - 1] == c'\n':
+        end -= 1
+    if end > 0 and p[end - 1] == c'\r':
+        end -= 1
+    while start > 0 and p[start - 1] != c';':
+        start -= 1
+    if end - start < 1 or end - start > 32:
+        return False
+    for i in range(start, end):
+        if p[i] == c'.' and not dot:
+            dot = True
+        elif c'0' <= p[i] <= c'9':
+            digit = True
+        else:
+            return False
+        text[i - start] = <char>p[i]
+    text[end - start] = 0
+    out[0] = strtod(text, NULL)
+    return digit
+
+
+def heartbeat_timestamp(data):
+    """The numeric timestamp of a default-format heartbeat, else None."""
+    cdef bytes b = data if type(data) is bytes else bytes(data)
+    cdef double ts
+    if parse_heartbeat(b) is None:
+        return None
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
+    if _timestamp(p, PyBytes_GET_SIZE(b), &ts):
+        return ts
+    return None
+
+
 def parse_heartbeat(data):
     """Return the pid of a default-format ``PID;TIMESTAMP`` heartbeat, else None."""
     cdef bytes b = data if type(data) is bytes else bytes(data)
@@ -208,6 +256,8 @@ cdef class HeartbeatTable:
     cdef bint _started
     cdef list _watchers
     cdef dict _watcher_ids
+    cdef double *_wlimit  # timeout of each watcher id
+    cdef int32_t _wcap
     cdef unsigned char *_rbuf
     cdef mmsghdr *_msgs
     cdef iovec *_iov
@@ -223,6 +273,7 @@ cdef class HeartbeatTable:
         self._msgs = NULL
         self._iov = NULL
         self._control = NULL
+        self._wlimit = NULL
 
     def __init__(self, timeout, tick):
         cdef int64_t size, i
@@ -238,7 +289,10 @@ cdef class HeartbeatTable:
         self._msgs = <mmsghdr *>PyMem_RawMalloc(BATCH * sizeof(mmsghdr))
         self._iov = <iovec *>PyMem_RawMalloc(BATCH * sizeof(iovec))
         self._control = <unsigned char *>PyMem_RawMalloc(BATCH * CONTROL_SIZE)
-        if (self._heads == NULL or self._entries == NULL or self._slots == NULL
+        self._wcap = 8
+        self._wlimit = <double *>PyMem_RawMalloc(self._wcap * sizeof(double))
+        if (self._wlimit == NULL or self._heads == NULL or self._entries == NULL
+                or self._slots == NULL
                 or self._rbuf == NULL or self._msgs == NULL or self._iov == NULL
                 or self._control == NULL):
             raise MemoryError()
@@ -269,6 +323,7 @@ cdef class HeartbeatTable:
         PyMem_RawFree(self._msgs)
         PyMem_RawFree(self._iov)
         PyMem_RawFree(self._control)
+        PyMem_RawFree(self._wlimit)
 
     @property
     def timeout(self):
@@ -394,6 +449,12 @@ cdef class HeartbeatTable:
         if n != NONE:
             self._slots[n].prev = p
 
+    cdef inline void _refresh(self, int32_t slot, double now) noexcept nogil:
+        cdef Slot *s = &self._slots[slot]
+        if now > s.last:
+            s.last = now
+        s.limit = self._wlimit[s.wid]  # a beat ends the grace period
+
     cdef inline void _release(self, int32_t slot) noexcept nogil:
         self._erase(self._slots[slot].pid)
         self._slots[slot].next = self._free
@@ -402,16 +463,43 @@ cdef class HeartbeatTable:
 
     # -- monitoring -----------------------------------------------------------
 
-    def add(self, pid, str watcher, double now):
-        """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline."""
-        cdef int32_t slot, p
+    cdef int32_t _intern(self, str watcher) except -1:
+        cdef double *grown
+        wid = self._watcher_ids.get(watcher)
+        if wid is not None:
+            return wid
+        wid = len(self._watchers)
+        if wid == self._wcap:
+            grown = <double *>PyMem_RawRealloc(
+                self._wlimit, 2 * self._wcap * sizeof(double))
+            if grown == NULL:
+                raise MemoryError()
+            self._wlimit = grown
+            self._wcap *= 2
+        self._wlimit[wid] = self._timeout
+        self._watcher_ids[watcher] = wid
+        self._watchers.append(watcher)
+        return wid
+
+    def set_watcher_timeout(self, str watcher, timeout):
+        """Give ``watcher``'s pids their own timeout, from their next beat on."""
+        self._wlimit[self._intern(watcher)] = _check_seconds("timeout", timeout)
+
+    def watcher_timeout(self, str watcher):
+        """The timeout of ``watcher``'s pids."""
+        wid = self._watcher_ids.get(watcher)
+        return self._timeout if wid is None else self._wlimit[<int32_t>wid]
+
+    def add(self, pid, str watcher, double now, grace=None):
+        """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline, ``grace``
+        seconds away if given (until its first beat), else its timeout."""
+        cdef int32_t slot, p, wid
+        cdef double limit
         cdef Slot *grown
         _check_pid(pid)
         p = pid
-        wid = self._watcher_ids.get(watcher)
-        if wid is None:
-            wid = self._watcher_ids[watcher] = len(self._watchers)
-            self._watchers.append(watcher)
+        wid = self._intern(watcher)
+        limit = self._wlimit[wid] if grace is None else _check_seconds("grace", grace)
         self._start(now)
         slot = self._find(p)
         if slot != NONE:
@@ -437,7 +525,8 @@ cdef class HeartbeatTable:
         self._slots[slot].pid = p
         self._slots[slot].wid = wid
         self._slots[slot].last = now
-        self._file(slot, now + self._timeout)
+        self._slots[slot].limit = limit
+        self._file(slot, now + limit)
 
     def remove(self, pid):
         """Stop monitoring ``pid``; False if it was not monitored."""
@@ -459,8 +548,7 @@ cdef class HeartbeatTable:
         slot = self._find(pid)
         if slot == NONE:
             return False
-        if now > self._slots[slot].last:
-            self._slots[slot].last = now
+        self._refresh(slot, now)
         return True
 
     def expire(self, double now):
@@ -483,7 +571,7 @@ cdef class HeartbeatTable:
             self._heads[b] = NONE  # detach: re-filing into b is not walked again
             while slot != NONE:
                 following = self._slots[slot].next
-                deadline = self._slots[slot].last + self._timeout
+                deadline = self._slots[slot].last + self._slots[slot].limit
                 if deadline < now:
                     out.append((self._slots[slot].pid,
                                 self._watchers[self._slots[slot].wid]))
@@ -544,13 +632,16 @@ cdef class HeartbeatTable:
         datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
         return self._drops
 
-    def drain(self, sock, double now, int budget):
+    def drain(self, sock, double now, int budget, double max_age=0.0,
+              double wall=0.0):
         """Read up to ``budget`` waiting datagrams and apply their heartbeats."""
         cdef int fd = sock if type(sock) is int else sock.fileno()
         cdef int64_t datagrams = 0, heartbeats = 0, unknown = 0, malformed = 0
+        cdef int64_t stale = 0
         cdef int n, i, want
         cdef int32_t pid, slot
         cdef unsigned int length
+        cdef double ts
         while datagrams < budget:
             want = BATCH if budget - datagrams > BATCH else <int>(budget - datagrams)
             n = self._recv(fd, want)
@@ -563,17 +654,22 @@ cdef class HeartbeatTable:
                 if pid == 0:
                     malformed += 1
                     continue
+                if max_age > 0 and not (
+                    _timestamp(self._rbuf + i * RECV_SIZE, length, &ts)
+                    and wall - max_age <= ts <= wall + max_age
+                ):
+                    stale += 1
+                    continue
                 slot = self._find(pid)
                 if slot == NONE:
                     unknown += 1
                     continue
                 heartbeats += 1
-                if now > self._slots[slot].last:
-                    self._slots[slot].last = now
+                self._refresh(slot, now)
             datagrams += n
             if n < want:
                 break
-        return DrainCounts(datagrams, heartbeats, unknown, malformed)
+        return DrainCounts(datagrams, heartbeats, unknown, malformed, stale)
 
     def drain_notify(self, sock, double now, int budget):
         """Read up to ``budget`` sd_notify datagrams from a Unix socket with
@@ -601,8 +697,7 @@ cdef class HeartbeatTable:
                     unknown += 1
                     continue
                 heartbeats += 1
-                if now > self._slots[slot].last:
-                    self._slots[slot].last = now
+                self._refresh(slot, now)
             datagrams += n
             if n < want:
                 break

@@ -13,6 +13,7 @@ table size, and a beat never touches the wheel.
 from __future__ import annotations
 
 import math
+import re
 import socket
 import struct
 import sys
@@ -37,12 +38,14 @@ _CONTROL_SIZE = (
 
 class DrainCounts(NamedTuple):
     """What one ``drain`` call read: every datagram lands in exactly one of the
-    last three fields."""
+    other fields (``drain_notify`` also reads sd_notify messages that are no
+    heartbeat, counted in ``datagrams`` only)."""
 
     datagrams: int
     heartbeats: int
     unknown: int
     malformed: int
+    stale: int = 0  # timestamp missing or off by more than max_age
 
 
 def parse_heartbeat(data: bytes) -> int | None:
@@ -81,6 +84,27 @@ def parse_heartbeat(data: bytes) -> int | None:
     return pid
 
 
+_TIMESTAMP = re.compile(rb"[0-9]*\.?[0-9]*")
+
+
+def heartbeat_timestamp(data: bytes) -> float | None:
+    """The numeric timestamp of a default-format heartbeat, else None.
+
+    The text after the last ``;``, less a final newline and then a final
+    carriage return, must be digits with at most one ``.``, at most 32 bytes.
+    """
+    if parse_heartbeat(data) is None:
+        return None
+    text = bytes(data)
+    text = text[text.rfind(b";") + 1 :]
+    text = text.removesuffix(b"\n").removesuffix(b"\r")
+    if not 0 < len(text) <= 32 or _TIMESTAMP.fullmatch(text) is None:
+        return None
+    if text == b".":
+        return None
+    return float(text)
+
+
 def notify_kind(data: bytes) -> int:
     """1 for an sd_notify message with ``WATCHDOG=1``, 0 for another sd_notify
     message, -1 for anything else.
@@ -114,6 +138,16 @@ def _check_args(timeout: float, tick: float) -> tuple[float, float]:
     return timeout, tick
 
 
+def _check_seconds(name: str, value: float) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return seconds
+
+
 def _wheel_size(timeout: float, tick: float) -> int:
     # Enough buckets that a deadline (at most `timeout` ahead) never wraps
     # onto the bucket being processed; a power of two so `& mask` picks one.
@@ -138,12 +172,14 @@ class HeartbeatTable:
         self._index: dict[int, int] = {}
         self._pid: list[int] = []
         self._last: list[float] = []
+        self._limit: list[float] = []  # grace until a beat, then the timeout
         self._next: list[int] = []
         self._prev: list[int] = []  # >= 0: slot; < 0: head of bucket -prev-1
         self._wid: list[int] = []
         self._free: list[int] = []
         self._watchers: list[str] = []
         self._watcher_ids: dict[str, int] = {}
+        self._wlimit: list[float] = []  # timeout of each watcher id
         self._next_tick = 0  # first tick not yet fully processed
         self._started = False
         self._buf = bytearray(MAX_DATAGRAM + 1)
@@ -209,13 +245,31 @@ class HeartbeatTable:
 
     # -- monitoring --------------------------------------------------------
 
-    def add(self, pid: int, watcher: str, now: float) -> None:
-        """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline."""
-        _check_pid(pid)
+    def _intern(self, watcher: str) -> int:
         wid = self._watcher_ids.get(watcher)
         if wid is None:
             wid = self._watcher_ids[watcher] = len(self._watchers)
             self._watchers.append(watcher)
+            self._wlimit.append(self._timeout)
+        return wid
+
+    def set_watcher_timeout(self, watcher: str, timeout: float) -> None:
+        """Give ``watcher``'s pids their own timeout, from their next beat on."""
+        self._wlimit[self._intern(watcher)] = _check_seconds("timeout", timeout)
+
+    def watcher_timeout(self, watcher: str) -> float:
+        """The timeout of ``watcher``'s pids."""
+        wid = self._watcher_ids.get(watcher)
+        return self._timeout if wid is None else self._wlimit[wid]
+
+    def add(
+        self, pid: int, watcher: str, now: float, grace: float | None = None
+    ) -> None:
+        """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline, ``grace``
+        seconds away if given (until its first beat), else its timeout."""
+        _check_pid(pid)
+        wid = self._intern(watcher)
+        limit = self._wlimit[wid] if grace is None else _check_seconds("grace", grace)
         self._start(now)
         slot = self._index.get(pid)
         if slot is not None:
@@ -227,10 +281,12 @@ class HeartbeatTable:
             for column in (self._pid, self._next, self._prev, self._wid):
                 column.append(0)
             self._last.append(0.0)
+            self._limit.append(0.0)
         self._pid[slot] = pid
         self._wid[slot] = wid
         self._last[slot] = now
-        self._file(slot, now + self._timeout)
+        self._limit[slot] = limit
+        self._file(slot, now + limit)
 
     def remove(self, pid: int) -> bool:
         """Stop monitoring ``pid``; False if it was not monitored."""
@@ -246,9 +302,13 @@ class HeartbeatTable:
         slot = self._index.get(pid)
         if slot is None:
             return False
+        self._refresh(slot, now)
+        return True
+
+    def _refresh(self, slot: int, now: float) -> None:
         if now > self._last[slot]:
             self._last[slot] = now
-        return True
+        self._limit[slot] = self._wlimit[self._wid[slot]]  # a beat ends the grace
 
     def expire(self, now: float) -> list[tuple[int, str]]:
         """Remove and return ``(pid, watcher)`` of every pid silent for longer
@@ -260,7 +320,7 @@ class HeartbeatTable:
         self._start(now)
         now_tick = max(self._tick_of(now), self._next_tick)
         span = min(now_tick - self._next_tick + 1, self._mask + 1)
-        heads, nxt, last, timeout = self._heads, self._next, self._last, self._timeout
+        heads, nxt, last, limit = self._heads, self._next, self._last, self._limit
         out: list[tuple[int, str]] = []
         for i in range(span):
             b = (self._next_tick + i) & self._mask
@@ -268,7 +328,7 @@ class HeartbeatTable:
             heads[b] = _NONE  # detach: re-filing into b must not be walked again
             while slot != _NONE:
                 following = nxt[slot]
-                deadline = last[slot] + timeout
+                deadline = last[slot] + limit[slot]
                 if deadline < now:
                     pid = self._pid[slot]
                     out.append((pid, self._watchers[self._wid[slot]]))
@@ -324,7 +384,7 @@ class HeartbeatTable:
         if isinstance(sock, int):
             with _borrowed(sock) as borrowed:
                 return self.drain_notify(borrowed, now, budget)
-        index, last = self._index, self._last
+        index = self._index
         datagrams = heartbeats = unknown = malformed = 0
         while datagrams < budget:
             n = self._recv(sock)
@@ -332,7 +392,7 @@ class HeartbeatTable:
                 break
             datagrams += 1
             pid = self._sender
-            kind = notify_kind(self._buf[:n]) if n <= MAX_DATAGRAM else -1
+            kind = notify_kind(bytes(self._buf[:n])) if n <= MAX_DATAGRAM else -1
             if pid <= 0 or kind < 0:
                 malformed += 1
                 continue
@@ -343,41 +403,54 @@ class HeartbeatTable:
                 unknown += 1
                 continue
             heartbeats += 1
-            if now > last[slot]:
-                last[slot] = now
+            self._refresh(slot, now)
         return DrainCounts(datagrams, heartbeats, unknown, malformed)
 
-    def drain(self, sock: socket.socket | int, now: float, budget: int) -> DrainCounts:
+    def drain(
+        self,
+        sock: socket.socket | int,
+        now: float,
+        budget: int,
+        max_age: float = 0.0,
+        wall: float = 0.0,
+    ) -> DrainCounts:
         """Read up to ``budget`` waiting datagrams and apply their heartbeats.
 
         ``sock`` is a socket or its file descriptor, blocking or not, but with
-        no timeout set (Python would wait for it).  Never blocks and never
-        raises for what a datagram contains; socket errors other than "nothing
-        to read" propagate as OSError.
+        no timeout set (Python would wait for it).  With ``max_age`` > 0, a
+        heartbeat whose timestamp is not within ``max_age`` seconds of the
+        wall-clock time ``wall`` is stale: counted, not applied.  Never blocks
+        and never raises for what a datagram contains; socket errors other than
+        "nothing to read" propagate as OSError.
         """
         if isinstance(sock, int):
             with _borrowed(sock) as borrowed:
-                return self.drain(borrowed, now, budget)
+                return self.drain(borrowed, now, budget, max_age, wall)
         buf = self._buf
-        index, last = self._index, self._last
-        datagrams = heartbeats = unknown = malformed = 0
+        index = self._index
+        datagrams = heartbeats = unknown = malformed = stale = 0
         while datagrams < budget:
             n = self._recv(sock)
             if n < 0:
                 break
             datagrams += 1
-            pid = parse_heartbeat(bytes(buf[:n])) if n <= MAX_DATAGRAM else None
+            data = bytes(buf[:n])
+            pid = parse_heartbeat(data) if n <= MAX_DATAGRAM else None
             if pid is None:
                 malformed += 1
                 continue
+            if max_age > 0:
+                ts = heartbeat_timestamp(data)
+                if ts is None or not wall - max_age <= ts <= wall + max_age:
+                    stale += 1
+                    continue
             slot = index.get(pid)
             if slot is None:
                 unknown += 1
                 continue
             heartbeats += 1
-            if now > last[slot]:
-                last[slot] = now
-        return DrainCounts(datagrams, heartbeats, unknown, malformed)
+            self._refresh(slot, now)
+        return DrainCounts(datagrams, heartbeats, unknown, malformed, stale)
 
     def drain_raw(
         self, sock: socket.socket | int, budget: int
