@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import logging
 import re
+import signal
 import shlex
 import textwrap
 from pathlib import Path
@@ -82,7 +83,7 @@ def ours(options: dict[str, str]) -> dict[str, Any]:
             "watchers_stop_signal": "KILL",
             "watchers_graceful_timeout": "7",
         },
-        {"watchers_stop_signal": "15", "watchers_graceful_timeout": "0", "port": "0"},
+        {"watchers_stop_signal": "15", "watchers_graceful_timeout": "0", "port": "9"},
         {"watchers_stop_signal": "SIGHUP", "loop_rate": "1e1"},
     ],
     ids=["defaults", "all-set", "numeric-signal", "signal-name"],
@@ -160,6 +161,14 @@ BAD = [
     ("max_kill_fraction", "0"),
     ("max_kill_fraction", "1.5"),
     ("storm_floor", "-1"),
+    ("unix_socket", "relative.sock"),
+    ("max_age", "-1"),
+    ("grace", "0"),
+    ("watcher_timeouts", "web"),
+    ("watcher_timeouts", "web=0"),
+    ("watcher_timeouts", "(=5"),
+    ("diagnostic_signal", "NOPE"),
+    ("diagnostic_delay", "0"),
 ]
 
 
@@ -463,3 +472,30 @@ def test_ini_bad_value_names_option(tmp_path: Path) -> None:
 def test_ip_accepts_a_host_name_like_the_original() -> None:
     assert Config.from_options({"ip": "localhost"}).ip == "127.0.0.1"
     assert Config.from_options({"ip": "::1"}).ip == "::1"
+
+
+def test_issue5_options() -> None:
+    c = Config.from_options(
+        {
+            "unix_socket": "/run/wd.sock",
+            "port": "0",
+            "max_age": "30",
+            "grace": "20",
+            "watcher_timeouts": "^batch=600, web.*=5",
+            "diagnostic_signal": "USR1",
+            "diagnostic_delay": "1.5",
+        }
+    )
+    assert (c.unix_socket, c.port, c.max_age, c.grace) == ("/run/wd.sock", 0, 30, 20)
+    assert c.timeout_of("batch-1") == 600 and c.timeout_of("web2") == 5
+    assert c.timeout_of("other") == c.timeout == 180
+    assert c.diagnostic_signal == signal.SIGUSR1 and c.diagnostic_delay == 1.5
+    defaults = Config.from_options({})
+    assert defaults.unix_socket is None and defaults.max_age is None
+    assert defaults.grace is None and defaults.watcher_timeouts == ()
+    assert defaults.diagnostic_signal is None
+
+
+def test_port_0_needs_a_unix_socket() -> None:
+    with pytest.raises(ConfigError, match="port.*unix_socket"):
+        Config.from_options({"port": "0"})

@@ -172,6 +172,30 @@ def _size(raw: str) -> int:
     return value
 
 
+def _socket_path(raw: str) -> str:
+    # Absolute: a plugin's working directory is circusd's, easy to get wrong.
+    if not (raw.startswith("/") or (raw.startswith("@") and len(raw) > 1)):
+        raise ValueError("an absolute path, or @NAME for the abstract namespace")
+    return raw
+
+
+def _watcher_timeouts(raw: str) -> tuple[tuple[re.Pattern[str], float], ...]:
+    expected = "comma-separated REGEX=SECONDS pairs with SECONDS > 0"
+    pairs = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        pattern, sep, seconds = item.rpartition("=")
+        if not (sep and pattern):
+            raise ValueError(expected)
+        try:
+            value = float(seconds)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(expected)
+        pairs.append((_regex(pattern), value))
+    return tuple(pairs)
+
+
 def _bool(raw: str) -> bool:
     try:
         return bool(to_bool(raw))
@@ -329,11 +353,63 @@ class Config:
         "storm guard: number of pids that may always die at once",
         metavar="N",
     )
+    unix_socket: str | None = _opt(
+        "",
+        _optional(_socket_path),
+        "path of a Unix datagram socket for sd_notify heartbeats (WATCHDOG=1), "
+        "the sender's pid taken from the kernel; @NAME for the abstract namespace",
+        metavar="PATH",
+        shown_default="off",
+    )
+    max_age: float | None = _opt(
+        "",
+        _optional(_SECONDS, ("", "0")),
+        "ignore (and count) UDP heartbeats whose timestamp is more than this many "
+        "seconds old or ahead of the clock; 0 = off",
+        metavar="SECONDS",
+        shown_default="off",
+    )
+    grace: float | None = _opt(
+        "",
+        _optional(_SECONDS),
+        "seconds a new process has before its first heartbeat is due",
+        metavar="SECONDS",
+        shown_default="the timeout",
+    )
+    watcher_timeouts: tuple[tuple[re.Pattern[str], float], ...] = _opt(
+        "",
+        _watcher_timeouts,
+        "per-watcher timeouts: comma-separated REGEX=SECONDS, first match wins "
+        "(re.match on the watcher name)",
+        metavar="REGEX=SECONDS,...",
+        shown_default="none",
+    )
+    diagnostic_signal: int | None = _opt(
+        "",
+        _optional(_signal),
+        "signal sent (through circusd) diagnostic_delay seconds before a kill, "
+        "so a hung process can dump its stacks, e.g. USR1",
+        metavar="SIGNAL",
+        shown_default="off",
+    )
+    diagnostic_delay: float = _opt(
+        "2",
+        _SECONDS,
+        "seconds between diagnostic_signal and the kill",
+        metavar="SECONDS",
+    )
 
     @property
     def timeout(self) -> float:
         """Seconds of silence after which a process is killed."""
         return self.loop_rate * self.max_count
+
+    def timeout_of(self, watcher: str) -> float:
+        """The timeout of ``watcher``'s processes (watcher_timeouts, else timeout)."""
+        for pattern, seconds in self.watcher_timeouts:
+            if pattern.match(watcher):
+                return seconds
+        return self.timeout
 
     @property
     def msg_pattern(self) -> re.Pattern[str] | None:
@@ -392,6 +468,9 @@ class Config:
         elif parsed["tick"] > timeout:
             expected = f"a number of seconds <= loop_rate * max_count ({timeout:g})"
             raise ConfigError(_invalid("tick", expected, values["tick"].strip()))
+        if parsed["port"] == 0 and parsed["unix_socket"] is None:
+            expected = "a port from 1 to 65535 unless unix_socket is set"
+            raise ConfigError(_invalid("port", expected, "0"))
         return cls(**parsed)
 
 
