@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -31,6 +32,12 @@ from .policy import KillPolicy
 logger = logging.getLogger("circus.watchdog")
 
 SUMMARY_INTERVAL = 10.0  # seconds between summaries of ignored datagrams
+KILL_CHECK_DELAY = 1.0  # seconds after circusd's kill reply the pid may linger
+KILL_CHECKS = 10
+# socket(7), Linux: report the socket's drop count with each datagram; set a
+# buffer past net.core.rmem_max (Python's socket module names neither).
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RETRY_MIN, RETRY_MAX = 0.25, 5.0  # seconds of back-off between failed re-syncs
 CIRCUS_GRACEFUL_TIMEOUT = 30.0  # circus's default graceful_timeout, seconds
 
@@ -85,6 +92,8 @@ class Watchdog:
         self._self_watchers: set[str] = set()
         self._parent_pid = parent_pid
         self._killing: dict[int, str] = {}  # kill asked, not yet confirmed
+        self._known_watchers: set[str] = set()
+        self._drops_seen = 0  # kernel drop count at the last tick
         self._churn: dict[int, str] | None = None  # events seen during a re-sync
         self._resync_wanted = asyncio.Event()
         self._fresh = True  # the next re-sync gives every pid a fresh timeout
@@ -92,6 +101,7 @@ class Watchdog:
         self._stop: asyncio.Event | None = None
         self._client: CommandClient | None = None
         self._sock: socket.socket | None = None
+        self._unix: socket.socket | None = None
         self._kill_tasks: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -112,6 +122,28 @@ class Watchdog:
                 f"port {self.config.port}: {exc.strerror}",
             ) from None
         sock.setblocking(False)
+        with contextlib.suppress(OSError):  # Linux only: drops are then unseen
+            sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        return sock
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = "\0" + path[1:] if path.startswith("@") else path
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._set_rcvbuf(sock)
+            if not path.startswith("@"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # a socket left by a previous run
+            sock.bind(address)
+            if not path.startswith("@"):
+                os.chmod(path, 0o666)  # watchers may run as other users
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"cannot bind unix_socket {path}: {exc.strerror}"
+            ) from None
+        sock.setblocking(False)
         return sock
 
     def _set_rcvbuf(self, sock: socket.socket) -> None:
@@ -120,10 +152,9 @@ class Watchdog:
         # Linux reports twice what it grants (the rest is bookkeeping).
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 >= want:
             return
-        force = getattr(socket, "SO_RCVBUFFORCE", None)
-        if force is not None:
+        if sys.platform.startswith("linux"):
             with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN
-                sock.setsockopt(socket.SOL_SOCKET, force, want)
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, want)
         got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
         if got < want:
             logger.warning(
@@ -144,8 +175,17 @@ class Watchdog:
             "core": "c" if compiled else "py",
             "loop": loop_name(),
         }
-        sock = self._sock = self._bind()
-        self.address = sock.getsockname()[:2]
+        config = self.config
+        if config.port:
+            self._sock = self._bind()
+            self.address = self._sock.getsockname()[:2]
+        try:
+            if config.unix_socket is not None:
+                self._unix = self._bind_unix(config.unix_socket)
+        except OSError:
+            if self._sock is not None:
+                self._sock.close()
+            raise
         client = self._client = CommandClient(
             self.config.endpoint,
             timeout=self.config.call_timeout,
@@ -166,16 +206,19 @@ class Watchdog:
                     self.status,
                 )
                 self.metrics_address = server.sockets[0].getsockname()[:2]
-            loop.add_reader(sock.fileno(), self._on_readable)
+            if self._sock is not None:
+                loop.add_reader(self._sock.fileno(), self._on_readable)
+            if self._unix is not None:
+                loop.add_reader(self._unix.fileno(), self._on_notify)
             tasks = [
                 asyncio.create_task(self._tick_loop(), name="tick"),
                 asyncio.create_task(self._event_loop(events), name="events"),
                 asyncio.create_task(self._resync_loop(), name="resync"),
             ]
             logger.info(
-                "%s listening on udp %s:%d, circusd %s, timeout %gs, tick %gs%s",
+                "%s listening on %s, circusd %s, timeout %gs, tick %gs%s",
                 describe(),
-                *self.address,
+                " and ".join(self._listening()),
                 self.config.endpoint,
                 self.config.timeout,
                 self.config.tick,
@@ -190,7 +233,9 @@ class Watchdog:
                 if task is not stopper:
                     task.result()  # a crashed task: raise it
         finally:
-            loop.remove_reader(sock.fileno())
+            for listener in (self._sock, self._unix):
+                if listener is not None:
+                    loop.remove_reader(listener.fileno())
             for task in [*tasks, *self._kill_tasks]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._kill_tasks, return_exceptions=True)
@@ -199,8 +244,21 @@ class Watchdog:
                 await server.wait_closed()
             await events.close()
             await client.close()
-            sock.close()
+            for listener in (self._sock, self._unix):
+                if listener is not None:
+                    listener.close()
+            if config.unix_socket and not config.unix_socket.startswith("@"):
+                with contextlib.suppress(OSError):
+                    os.unlink(config.unix_socket)
             logger.info("watchdog stopped")
+
+    def _listening(self) -> list[str]:
+        out = []
+        if self.address is not None:
+            out.append(f"udp {self.address[0]}:{self.address[1]}")
+        if self.config.unix_socket is not None:
+            out.append(f"unix {self.config.unix_socket}")
+        return out
 
     # -- heartbeats ----------------------------------------------------------
 
@@ -209,7 +267,13 @@ class Watchdog:
         now = time.monotonic()
         try:
             if self._pattern is None:
-                counts = self.table.drain(self._sock, now, self.config.budget)
+                counts = self.table.drain(
+                    self._sock,
+                    now,
+                    self.config.budget,
+                    self.config.max_age or 0.0,
+                    time.time(),
+                )
             else:
                 payloads, oversized = self.table.drain_raw(
                     self._sock, self.config.budget
@@ -219,6 +283,17 @@ class Watchdog:
                 self.metrics.malformed += oversized
         except OSError as exc:  # the socket, never a datagram's content
             logger.error("reading the heartbeat socket failed: %s", exc)
+            return
+        self.metrics.count_drain(counts)
+
+    def _on_notify(self) -> None:
+        assert self._unix is not None
+        try:
+            counts = self.table.drain_notify(
+                self._unix, time.monotonic(), self.config.budget
+            )
+        except OSError as exc:
+            logger.error("reading unix_socket failed: %s", exc)
             return
         self.metrics.count_drain(counts)
 
@@ -248,12 +323,25 @@ class Watchdog:
         self.metrics.monitored_pids = len(self.table)
         if not (self._synced and self.metrics.connected):
             return  # never kill on stale state: wait for a fresh list
+        drops = self.table.kernel_drops - self._drops_seen
+        if drops > 0:
+            self._drops_seen += drops
+            self.metrics.kernel_drops += drops
         silent = self.table.expire(now)
         if not silent:
             return
         if stalled:
             self.metrics.stalls += 1
-        decision = self.policy.decide(now, silent, len(self.table), stalled=stalled)
+        elif drops > 0:
+            logger.warning(
+                "the kernel dropped %d datagram(s) since the last tick (raise "
+                "rcvbuf and net.core.rmem_max): not killing %d silent pid(s) now",
+                drops,
+                len(silent),
+            )
+        decision = self.policy.decide(
+            now, silent, len(self.table), stalled=stalled or drops > 0
+        )
         self.metrics.kills_held += decision.held
         for pid, watcher in decision.rearm:
             self.table.add(pid, watcher, now)
@@ -310,7 +398,16 @@ class Watchdog:
             CIRCUS_GRACEFUL_TIMEOUT if graceful is None else graceful
         )
         try:
+            if self.config.diagnostic_signal is not None:
+                await self._diagnose(pid, watcher, self.config.diagnostic_signal)
             await self._client.call("kill", timeout=wait, **props)
+            # circusd answers "ok" for a pid it no longer knows, too.
+            for _ in range(KILL_CHECKS):
+                if not _alive(pid):
+                    break
+                await asyncio.sleep(KILL_CHECK_DELAY / KILL_CHECKS)
+            else:
+                raise CircusError("kill", f"pid {pid} still runs after the kill")
         except CircusError as exc:
             self.metrics.kill_failures += 1
             logger.error("circusd did not kill %s pid %d: %s", watcher, pid, exc)
@@ -318,6 +415,22 @@ class Watchdog:
             self.metrics.kills[watcher] += 1
         finally:
             self._killing.pop(pid, None)
+
+    async def _diagnose(self, pid: int, watcher: str, signum: int) -> None:
+        assert self._client is not None
+        try:
+            await self._client.call("signal", name=watcher, pid=pid, signum=signum)
+        except CircusError as exc:
+            logger.warning("could not signal %s pid %d: %s", watcher, pid, exc)
+            return
+        logger.warning(
+            "sent signal %d to %s pid %d; killing it in %gs",
+            signum,
+            watcher,
+            pid,
+            self.config.diagnostic_delay,
+        )
+        await asyncio.sleep(self.config.diagnostic_delay)
 
     # -- circusd -------------------------------------------------------------
 
@@ -368,6 +481,7 @@ class Watchdog:
             if pid not in found and pid not in churn:
                 self.table.remove(pid)
         for pid, watcher in found.items():
+            self._learn_watcher(watcher)
             if pid in churn or pid in self._killing:
                 continue  # an event since `list` knows better
             if fresh or pid not in self.table or self.table.watcher_of(pid) != watcher:
@@ -417,7 +531,8 @@ class Watchdog:
                 if name in self._self_watchers or pid in self._self_pids:
                     continue
                 self._killing.pop(pid, None)
-                self.table.add(pid, name, time.monotonic())
+                self._learn_watcher(name)
+                self.table.add(pid, name, time.monotonic(), self.config.grace)
             elif event.action in ("reap", "kill"):
                 # circusd is stopping it (or has): nothing left to watch.
                 self.table.remove(pid)
@@ -426,6 +541,13 @@ class Watchdog:
             if self._churn is not None:
                 self._churn[pid] = event.action
             self.metrics.monitored_pids = len(self.table)
+
+    def _learn_watcher(self, name: str) -> None:
+        if name not in self._known_watchers:
+            self._known_watchers.add(name)
+            timeout = self.config.timeout_of(name)
+            if timeout != self.config.timeout:
+                self.table.set_watcher_timeout(name, timeout)
 
     # -- reporting -----------------------------------------------------------
 
@@ -462,6 +584,20 @@ class Watchdog:
         }
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a zombie is dead, only not yet reaped by circusd
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return True  # no /proc (macOS): trust kill(0)
+
+
 def run(
     config: Config,
     *,
@@ -479,10 +615,14 @@ def run(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         if stop_setter is not None:
-            stop_setter(lambda: loop.call_soon_threadsafe(stop.set))
+            stop_setter(lambda: _call_soon(loop, stop.set))
         await Watchdog(config, parent_pid=parent_pid).run(stop)
 
     run_on_best_loop(main())
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    loop.call_soon_threadsafe(fn)
 
 
 def run_on_best_loop(coro: Coroutine[Any, Any, None]) -> None:
@@ -497,9 +637,7 @@ def run_on_best_loop(coro: Coroutine[Any, Any, None]) -> None:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(
-                asyncio.gather(*pending, return_exceptions=True)
-            )
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)

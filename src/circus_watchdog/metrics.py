@@ -23,6 +23,8 @@ _SERIES: tuple[tuple[str, str, str, str], ...] = (
     ("heartbeats", "heartbeats_total", "counter", "heartbeats of a monitored pid"),
     ("unknown", "unknown_pid_total", "counter", "heartbeats of an unmonitored pid"),
     ("malformed", "malformed_total", "counter", "datagrams that are no heartbeat"),
+    ("stale", "stale_total", "counter", "heartbeats outside max_age"),
+    ("kernel_drops", "kernel_drops_total", "counter", "datagrams the kernel dropped"),
     ("kill_failures", "kill_failures_total", "counter", "kills circusd refused"),
     ("would_kill", "would_kill_total", "counter", "kills skipped by --dry-run"),
     ("kills_held", "kills_held_total", "counter", "kills held by the storm guard"),
@@ -41,6 +43,8 @@ class Metrics:
     heartbeats: int = 0
     unknown: int = 0
     malformed: int = 0
+    stale: int = 0
+    kernel_drops: int = 0
     kill_failures: int = 0
     would_kill: int = 0
     kills_held: int = 0
@@ -57,6 +61,7 @@ class Metrics:
         self.heartbeats += counts.heartbeats
         self.unknown += counts.unknown
         self.malformed += counts.malformed
+        self.stale += counts.stale
 
     def render(self) -> str:
         """The Prometheus text exposition of every metric."""
@@ -76,7 +81,9 @@ class Metrics:
             for w, n in sorted(self.kills.items())
         ]
         if self.info:
-            labels = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(self.info.items()))
+            labels = ",".join(
+                f'{k}="{_label(v)}"' for k, v in sorted(self.info.items())
+            )
             lines += [
                 "# HELP circus_watchdog_info version, core and event loop",
                 "# TYPE circus_watchdog_info gauge",
@@ -101,7 +108,9 @@ async def serve_http(
 ) -> asyncio.Server:
     """Serve ``GET /metrics`` and ``GET /status`` on ``host:port``."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             head = await asyncio.wait_for(
                 reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT
@@ -109,7 +118,11 @@ async def serve_http(
             parts = head[: head.find(b"\r\n")].split()
             path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
             if parts[:1] != [b"GET"]:
-                code, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+                code, ctype, body = (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    b"GET only\n",
+                )
             elif path == b"/metrics":
                 code, ctype = "200 OK", "text/plain; version=0.0.4"
                 body = metrics().encode()
