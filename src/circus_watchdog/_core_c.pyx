@@ -216,8 +216,8 @@ cdef inline int _notify_kind(const unsigned char *p, Py_ssize_t n) noexcept nogi
         if end > start:
             assignment = False
             for i in range(start, end):
-                if p[i] == c'=' and i > start:
-                    assignment = True
+                if p[i] == c'=':
+                    assignment = i > start  # NAME=VALUE: a name before the first =
                     break
             if not assignment:
                 return -1
