@@ -8,6 +8,7 @@ also printed as a summary at the end of the session (see conftest.py).
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 import memory
-from report import Results, per_op
+from report import Results, record
 from support import (
     HEARTBEAT,
     SIZES,
@@ -34,11 +35,13 @@ LOOPS = 1_000  # operations per round for the per-call benchmarks
 BEAT_TABLE = 10_000  # monitored pids while beating
 WARMUP_S = 9.0  # simulated seconds before steady-state ticks are timed
 STEADY_ROUNDS = 40  # ticks timed: two 2 s re-file cycles
-EMPTY_ROUNDS = 25  # ticks timed: all before the one tick everything is filed in
+EMPTY_TIMEOUT = 60.0  # seconds: room for 500 consecutive empty ticks of 0.1 s
+EMPTY_TICKS = 25  # ticks per round
+EMPTY_ROUNDS = 20
 SWEEP_ROUNDS = 10  # look_after calls timed
 MEMORY_PIDS = 1_000_000
 DRAIN_PID0 = 100_000
-DRAIN_ROUNDS = {"floor": 15, "c": 15, "py": 8, "original": 5}
+DRAIN_ROUNDS = {"floor": 25, "c": 25, "py": 10, "original": 6}
 
 
 def test_parse_heartbeat(benchmark: Any, impl: Impl, results: Results) -> None:
@@ -57,9 +60,8 @@ def test_parse_heartbeat(benchmark: Any, impl: Impl, results: Results) -> None:
         for _ in range(LOOPS):
             parse(data)
 
-    op = per_op(benchmark, LOOPS)
+    op = record(results, "parse", impl.tag, benchmark, LOOPS)
     benchmark.extra_info["ns_per_parse"] = op and op * 1e9
-    results.add("parse", impl.tag, op=op)
 
 
 def test_beat(benchmark: Any, impl: Impl, results: Results) -> None:
@@ -94,9 +96,8 @@ def test_beat(benchmark: Any, impl: Impl, results: Results) -> None:
 
         assert table.last_seen(pids[0]) > T0
 
-    op = per_op(benchmark, LOOPS)
+    op = record(results, "beat", impl.tag, benchmark, LOOPS)
     benchmark.extra_info["ns_per_beat"] = op and op * 1e9
-    results.add("beat", impl.tag, op=op)
 
 
 def _sweep(benchmark: Any, wd: Any, npids: int) -> None:
@@ -129,40 +130,52 @@ def test_tick_steady(benchmark: Any, impl: Impl, size: str, results: Results) ->
         benchmark.pedantic(table.expire, setup=setup, rounds=STEADY_ROUNDS)
         assert len(table) == npids  # nothing expired
         benchmark.extra_info["simulated_s"] = sim.k * TICK
-    op = per_op(benchmark, 1)
+    op = record(results, group, impl.tag, benchmark, 1)
     benchmark.extra_info["us_per_tick"] = op and op * 1e6
-    results.add(group, impl.tag, op=op)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_tick_nothing_filed(
     benchmark: Any, impl: Impl, size: str, results: Results
 ) -> None:
-    """One tick whose buckets are empty: every pid is due later.
+    """A tick whose buckets are empty: every pid is due later.
 
     All pids are added at once (as at start-up discovery), so they are all
-    filed in the bucket 3 s ahead; the timed ticks are the ones before it.
-    The original has no such thing: its loop is always a full sweep.
+    filed in one bucket ``EMPTY_TIMEOUT`` ahead; each round times
+    ``EMPTY_TICKS`` consecutive ticks before it, so the timer's own overhead
+    (~0.15 us a round) is spread thin.  The original has no such thing: its
+    loop is always a full sweep.
     """
     npids = SIZES[size]
     group = benchmark.group = f"tick-nothing-filed-{size}"
     if impl.watchdog is not None:
         _sweep(benchmark, impl.watchdog, npids)
+        op = record(results, group, impl.tag, benchmark, 1)
     else:
-        table = impl.core.HeartbeatTable(TIMEOUT, TICK)
-        fill_table(table, range(1, npids + 1), T0)
-        assert not table.expire(T0)
+        table = impl.core.HeartbeatTable(EMPTY_TIMEOUT, TICK)
+        base = math.floor(T0 / TICK)
+
+        def at(k: int) -> float:  # a quarter into tick k: clear of float rounding
+            return (base + k + 0.25) * TICK
+
+        fill_table(table, range(1, npids + 1), at(0))
+        assert not table.expire(at(0))
         ticks = itertools.count(1)
-        assert EMPTY_ROUNDS * TICK < TIMEOUT - 2 * TICK
+        assert (EMPTY_ROUNDS * EMPTY_TICKS + 2) * TICK < EMPTY_TIMEOUT
 
-        def setup() -> tuple[tuple[float], dict[str, Any]]:
-            return (T0 + next(ticks) * TICK,), {}
+        def setup() -> tuple[tuple[list[float]], dict[str, Any]]:
+            return ([at(next(ticks)) for _ in range(EMPTY_TICKS)],), {}
 
-        benchmark.pedantic(table.expire, setup=setup, rounds=EMPTY_ROUNDS)
+        expire = table.expire
+
+        def _run(nows: list[float]) -> None:
+            for now in nows:
+                expire(now)
+
+        benchmark.pedantic(_run, setup=setup, rounds=EMPTY_ROUNDS)
         assert len(table) == npids
-    op = per_op(benchmark, 1)
+        op = record(results, group, impl.tag, benchmark, EMPTY_TICKS)
     benchmark.extra_info["us_per_tick"] = op and op * 1e6
-    results.add(group, impl.tag, op=op)
 
 
 def test_memory_per_pid(benchmark: Any, impl: Impl, results: Results) -> None:
@@ -251,7 +264,7 @@ def test_drain_cpu(
         status = receiver.watchdog.pid_status
         after = [status[str(p)]["last_activity"] for p in pids[:: n // 8]]
         assert all(a > b for a, b in zip(after, stamps, strict=True))
-    op = per_op(benchmark, n)
+    op = record(results, "drain", receiver.tag, benchmark, n, backlog=n)
     floor = results.get("drain", "floor")
     benchmark.extra_info.update(
         backlog=n,
@@ -261,4 +274,3 @@ def test_drain_cpu(
         sys_share=system / (user + system) if user + system else None,
         ratio_to_floor=op / floor if op and floor else None,
     )
-    results.add("drain", receiver.tag, op=op, backlog=n)
