@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import pytest
@@ -166,6 +167,8 @@ class Model:
         return out
 
 
+# More with CIRCUS_WATCHDOG_STATEFUL_EXAMPLES=2000 for a longer search.
+STATEFUL_EXAMPLES = int(os.environ.get("CIRCUS_WATCHDOG_STATEFUL_EXAMPLES", "150"))
 PIDS = st.integers(1, 40)
 WATCHERS = st.sampled_from(["web", "api", "worker.1"])
 
@@ -252,7 +255,9 @@ def make_machine(classes: list[type]) -> type[RuleBasedStateMachine]:
 def test_stateful_against_model(table_cls: type) -> None:
     run_state_machine_as_test(
         make_machine([table_cls]),
-        settings=settings(max_examples=150, stateful_step_count=60, deadline=None),
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES, stateful_step_count=60, deadline=None
+        ),
     )
 
 
@@ -262,7 +267,9 @@ def test_stateful_twins_agree() -> None:
 
     run_state_machine_as_test(
         make_machine([_core_c.HeartbeatTable, _core_py.HeartbeatTable]),
-        settings=settings(max_examples=150, stateful_step_count=60, deadline=None),
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES, stateful_step_count=60, deadline=None
+        ),
     )
 
 

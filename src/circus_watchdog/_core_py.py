@@ -3,7 +3,9 @@
 This module is also the typing source of truth for ``_core_c.pyx``.
 
 The table is a pid -> slot dict plus parallel slot arrays, and a hashed timing
-wheel of doubly linked slot lists.  A beat only moves ``last_seen`` forward;
+wheel whose buckets are arrays of slot ids (a slot knows its bucket and index,
+so removal swaps the bucket's last slot into its place).  A beat only moves
+``last_seen`` forward;
 the slot stays in the bucket it was filed in.  When that bucket comes due, the
 slot is checked against its real deadline and either expires or is re-filed in
 the bucket of its new deadline.  So a tick costs the slots filed in it, not the
@@ -23,7 +25,6 @@ from typing import NamedTuple
 
 MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
 PID_MAX = 2**31 - 1  # pid_t is a signed 32-bit int on Linux and macOS
-_NONE = -1  # "no slot" in the linked lists
 #: socket(7): with this option set, a datagram queued after a drop carries the
 #: socket's cumulative drop count as a control message.
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
@@ -168,13 +169,13 @@ class HeartbeatTable:
         self._timeout, self._tick = _check_args(timeout, tick)
         size = _wheel_size(self._timeout, self._tick)
         self._mask = size - 1
-        self._heads = [_NONE] * size
+        self._buckets: list[list[int]] = [[] for _ in range(size)]
         self._index: dict[int, int] = {}
         self._pid: list[int] = []
         self._last: list[float] = []
         self._limit: list[float] = []  # grace until a beat, then the timeout
-        self._next: list[int] = []
-        self._prev: list[int] = []  # >= 0: slot; < 0: head of bucket -prev-1
+        self._bucket: list[int] = []  # the bucket holding each slot
+        self._pos: list[int] = []  # the slot's index in that bucket
         self._wid: list[int] = []
         self._free: list[int] = []
         self._watchers: list[str] = []
@@ -225,23 +226,20 @@ class HeartbeatTable:
             self._next_tick = self._tick_of(now)
 
     def _file(self, slot: int, deadline: float) -> None:
-        t = max(self._tick_of(deadline), self._next_tick)
-        b = t & self._mask
-        head = self._heads[b]
-        self._next[slot] = head
-        self._prev[slot] = -b - 1
-        if head != _NONE:
-            self._prev[head] = slot
-        self._heads[b] = slot
+        b = max(self._tick_of(deadline), self._next_tick) & self._mask
+        bucket = self._buckets[b]
+        self._bucket[slot] = b
+        self._pos[slot] = len(bucket)
+        bucket.append(slot)
 
     def _unlink(self, slot: int) -> None:
-        p, n = self._prev[slot], self._next[slot]
-        if p >= 0:
-            self._next[p] = n
-        else:
-            self._heads[-p - 1] = n
-        if n != _NONE:
-            self._prev[n] = p
+        # Swap the bucket's last slot into this one's place: O(1), unordered.
+        bucket = self._buckets[self._bucket[slot]]
+        moved = bucket.pop()
+        if moved != slot:
+            pos = self._pos[slot]
+            bucket[pos] = moved
+            self._pos[moved] = pos
 
     # -- monitoring --------------------------------------------------------
 
@@ -278,7 +276,7 @@ class HeartbeatTable:
             slot = self._index[pid] = self._free.pop()
         else:
             slot = self._index[pid] = len(self._pid)
-            for column in (self._pid, self._next, self._prev, self._wid):
+            for column in (self._pid, self._bucket, self._pos, self._wid):
                 column.append(0)
             self._last.append(0.0)
             self._limit.append(0.0)
@@ -308,7 +306,13 @@ class HeartbeatTable:
     def _refresh(self, slot: int, now: float) -> None:
         if now > self._last[slot]:
             self._last[slot] = now
-        self._limit[slot] = self._wlimit[self._wid[slot]]  # a beat ends the grace
+        limit = self._wlimit[self._wid[slot]]
+        if self._limit[slot] != limit:
+            # The grace period ends (or the watcher's timeout changed): the
+            # deadline may move earlier than the bucket it is filed in.
+            self._limit[slot] = limit
+            self._unlink(slot)
+            self._file(slot, self._last[slot] + limit)
 
     def expire(self, now: float) -> list[tuple[int, str]]:
         """Remove and return ``(pid, watcher)`` of every pid silent for longer
@@ -320,14 +324,15 @@ class HeartbeatTable:
         self._start(now)
         now_tick = max(self._tick_of(now), self._next_tick)
         span = min(now_tick - self._next_tick + 1, self._mask + 1)
-        heads, nxt, last, limit = self._heads, self._next, self._last, self._limit
+        buckets, last, limit = self._buckets, self._last, self._limit
         out: list[tuple[int, str]] = []
         for i in range(span):
             b = (self._next_tick + i) & self._mask
-            slot = heads[b]
-            heads[b] = _NONE  # detach: re-filing into b must not be walked again
-            while slot != _NONE:
-                following = nxt[slot]
+            walked = buckets[b]
+            if not walked:
+                continue
+            buckets[b] = []  # detach: re-filing into b must not be walked again
+            for slot in walked:
                 deadline = last[slot] + limit[slot]
                 if deadline < now:
                     pid = self._pid[slot]
@@ -336,7 +341,6 @@ class HeartbeatTable:
                     self._free.append(slot)
                 else:
                     self._file(slot, deadline)
-                slot = following
         # The current tick is only partly over: it is walked again next time.
         self._next_tick = now_tick
         return out
