@@ -109,3 +109,23 @@ def circusd_factory(tmp_path):  # type: ignore[no-untyped-def]
 
     with circusd_pool(tmp_path) as start:
         yield start
+
+
+@pytest.fixture
+def core_tag(core_module: CoreModule, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Subprocesses started from now on (circusd, its plugin, the command) run
+    with this core; its tag, "c" or "py"."""
+    from support import use_core
+
+    use_core(monkeypatch, core_module.is_pure_python)
+    return core_module.tag
+
+
+@pytest.fixture
+def standalone(tmp_path):  # type: ignore[no-untyped-def]
+    """``start(circusd, *flags, core=TAG) -> Standalone``: a running
+    ``circus-watchdog``, killed at teardown if still up."""
+    from support import standalone_pool
+
+    with standalone_pool(tmp_path) as start:
+        yield start

@@ -14,17 +14,25 @@ circusd it started, and everything they started, when the test ends::
 
 Async tests run a coroutine on each event loop with ``run(loop_factory, coro)``
 and the ``loop_factory`` fixture.
+
+Watchdog tests run heartbeating processes with ``worker_cmd(udp_port, ...)``
+(circus_watchdog.demo_worker: healthy, hanging after a while, silent, or in a
+custom format), read the watchdog's ``fetch_status``/``fetch_metrics`` on its
+metrics port, and time kills with ``check_kill_latency``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -282,3 +290,252 @@ async def _cancel_leftovers() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- heartbeating workers and the watchdog's HTTP endpoints ----------------------
+
+#: Forces the pure-Python core in a subprocess (circusd passes it to the plugin).
+NO_EXTENSIONS = "CIRCUS_WATCHDOG_NO_EXTENSIONS"
+
+
+def use_core(monkeypatch: Any, is_pure_python: bool) -> None:
+    """Make subprocesses started from now on (circusd, its plugin, the CLI) pick
+    one core, through the environment they inherit."""
+    if is_pure_python:
+        monkeypatch.setenv(NO_EXTENSIONS, "1")
+    else:
+        monkeypatch.delenv(NO_EXTENSIONS, raising=False)
+
+
+def worker_cmd(
+    port: int,
+    *,
+    interval: float = 0.1,
+    hang_after: float | None = None,
+    hang_file: Path | None = None,
+    template: str | None = None,
+    silent: bool = False,
+) -> str:
+    """A watcher ``cmd`` running circus_watchdog.demo_worker against ``port``."""
+    args = [sys.executable, "-m", "circus_watchdog.demo_worker"]
+    args += ["--address", f"127.0.0.1:{port}", "--interval", str(interval)]
+    if hang_after is not None:
+        args += ["--hang-after", str(hang_after)]
+    if hang_file is not None:
+        args += ["--hang-file", str(hang_file)]
+    if template is not None:
+        args += ["--format", template]
+    if silent:
+        args.append("--silent")
+    return shlex.join(args)
+
+
+def hang_times(path: Path) -> dict[int, float]:
+    """pid -> time.time() of its last heartbeat, for each worker that hung."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    found: dict[int, float] = {}
+    for line in text.splitlines():
+        pid, _, last = line.partition(" ")
+        if pid and last:
+            found[int(pid)] = float(last)
+    return found
+
+
+# Straight to loopback, whatever http_proxy says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> bytes | None:
+    """GET http://127.0.0.1:port/path; None while nothing answers there."""
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with _DIRECT.open(url, timeout=timeout) as reply:
+            body: bytes = reply.read()
+            return body
+    except OSError:
+        return None
+
+
+def fetch_status(port: int) -> dict[str, Any] | None:
+    """The watchdog's /status JSON, or None while it does not answer."""
+    body = http_get(port, "/status")
+    return None if body is None else json.loads(body)  # type: ignore[no-any-return]
+
+
+def fetch_metrics(port: int) -> dict[str, float] | None:
+    """The watchdog's /metrics as {series (name and labels): value}, or None."""
+    body = http_get(port, "/metrics")
+    if body is None:
+        return None
+    series: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+def metric(series: dict[str, float], name: str, **labels: str) -> float:
+    """One value of ``circus_watchdog_<name>`` (0 when the series is absent)."""
+    key = f"circus_watchdog_{name}"
+    if labels:
+        key += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    return series.get(key, 0.0)
+
+
+def wait_gone(circusd: Circusd, watcher: str, pid: int, timeout: float) -> float:
+    """Wait until circusd no longer lists ``pid``; the time.time() it was seen gone."""
+    circusd.wait_for(lambda: pid not in circusd.pids(watcher), timeout, interval=0.02)
+    return time.time()
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaps counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_pids(
+    circusd: Circusd, counts: dict[str, int], timeout: float = 10.0
+) -> dict[str, list[int]]:
+    """Wait until each watcher runs its number of processes; their pids."""
+
+    def all_up() -> dict[str, list[int]] | None:
+        pids = {name: circusd.pids(name) for name in counts}
+        ok = all(len(pids[name]) == n for name, n in counts.items())
+        return pids if ok else None
+
+    return circusd.wait_for(all_up, timeout)
+
+
+def check_kill_latency(
+    circusd: Circusd,
+    watcher: str,
+    pid: int,
+    hangs: Path,
+    *,
+    timeout: float,
+    tick: float,
+    since: float = 0.0,
+    slack: float = 0.4,
+) -> float:
+    """Wait for hung ``pid`` (a worker with ``--hang-file hangs``) to leave
+    circusd's list, and check when against the contract: never before
+    ``timeout`` after its last heartbeat, at most one ``tick`` after that (or
+    after ``since``, a time.time() by which the watchdog monitored it, should
+    it have hung before the watchdog knew it), with ``slack`` for the kill
+    round trip, circusd's bookkeeping and this polling (keep it under
+    loop_rate: the original plugin kills up to one loop_rate late).
+
+    Returns the time from the last heartbeat to the pid's disappearance."""
+    gone_at = wait_gone(circusd, watcher, pid, timeout=10 + timeout)
+    last_beat = wait_for(lambda: hang_times(hangs).get(pid), timeout=1)
+    assert gone_at - last_beat >= timeout - 0.05, gone_at - last_beat
+    assert gone_at - max(last_beat, since) <= timeout + tick + slack, (
+        gone_at - last_beat,
+        gone_at - since,
+    )
+    return gone_at - last_beat
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that was free a moment ago (for heartbeats)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- the standalone command ----------------------------------------------------
+
+STANDALONE_EXIT_BOUND = 5.0  # seconds to exit after a signal
+STANDALONE_START_BOUND = 15.0  # seconds for the command to answer on its metrics port
+
+
+def command() -> list[str]:
+    """The installed ``circus-watchdog`` script (``python -m`` without one)."""
+    script = Path(sys.executable).with_name("circus-watchdog")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "circus_watchdog"]
+
+
+@dataclass
+class Standalone:
+    """A running ``circus-watchdog`` and its metrics port."""
+
+    proc: subprocess.Popen[bytes]
+    port: int  # metrics
+    log: Path
+
+    def status(self) -> dict[str, Any]:
+        status = fetch_status(self.port)
+        assert status is not None, self.tail()
+        return status
+
+    def metrics(self) -> dict[str, float]:
+        series = fetch_metrics(self.port)
+        assert series is not None, self.tail()
+        return series
+
+    def monitored(self) -> dict[int, str]:
+        return {row["pid"]: row["watcher"] for row in self.status()["pids"]}
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, signum: int) -> int:
+        """Send ``signum``; the exit code, within STANDALONE_EXIT_BOUND seconds."""
+        self.proc.send_signal(signum)
+        return self.proc.wait(STANDALONE_EXIT_BOUND)
+
+
+def kills(series: dict[str, float]) -> dict[str, float]:
+    """Kills by watcher, from /metrics."""
+    prefix = 'circus_watchdog_kills_total{watcher="'
+    return {
+        name[len(prefix) : -2]: value
+        for name, value in series.items()
+        if name.startswith(prefix)
+    }
+
+
+@contextmanager
+def standalone_pool(workdir: Path) -> Iterator[Callable[..., Standalone]]:
+    """``start(circusd, *flags, core=TAG) -> Standalone`` for a running
+    ``circus-watchdog``; each is killed at the end if still up."""
+    started: list[Standalone] = []
+
+    def start(circusd: Circusd, *flags: str, core: str) -> Standalone:
+        port = free_port()
+        log = workdir / f"watchdog{len(started)}.log"
+        args = [*command(), "--endpoint", circusd.endpoint, "--pubsub", circusd.pubsub]
+        args += ["--metrics-port", str(port), *flags]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        watchdog = Standalone(proc, port, log)
+        started.append(watchdog)
+
+        def up() -> dict[str, Any] | None:
+            assert proc.poll() is None, watchdog.tail()
+            return fetch_status(port)
+
+        status = wait_for(up, STANDALONE_START_BOUND)
+        assert f" core={core} " in status["version"]
+        return watchdog
+
+    try:
+        yield start
+    finally:
+        for watchdog in started:
+            if watchdog.proc.poll() is None:
+                watchdog.proc.kill()
+                watchdog.proc.wait(STANDALONE_EXIT_BOUND)
+            print(f"--- {watchdog.log.name} ---\n{watchdog.tail()}")

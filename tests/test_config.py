@@ -7,8 +7,8 @@ import dataclasses
 import inspect
 import logging
 import re
-import signal
 import shlex
+import signal
 import textwrap
 from pathlib import Path
 from typing import Any

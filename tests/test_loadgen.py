@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loadgen import flood
-from loadgen.cli import main, resolve_target
 
 from circus_watchdog.core import parse_heartbeat
+from loadgen import flood
+from loadgen.cli import main, resolve_target
 
 ROOT = Path(__file__).resolve().parent.parent
 RCVBUF = 8 * 1024 * 1024  # bytes asked; the kernel caps it at rmem_max

@@ -55,11 +55,22 @@ def test_hold_is_bounded() -> None:
     p = KillPolicy(T)
     now = 100.0
     assert p.decide(now, silent(1, 2, 3), 0).held == 3
-    now += T
-    assert p.decide(now, silent(1, 2, 3), 0).held == 3  # still held
+    # Held pids get a fresh timeout, so they come back every timeout.
+    while now + T < 100.0 + HOLD_LIMIT * T:
+        now += T
+        assert p.decide(now, silent(1, 2, 3), 0).held == 3  # still held
     now = 100.0 + HOLD_LIMIT * T
     d = p.decide(now, silent(1, 2, 3), 0)
     assert d.kill == silent(1, 2, 3) and d.held == 0
+
+
+def test_a_pid_that_resumed_gets_a_new_hold() -> None:
+    p = KillPolicy(T)
+    assert p.decide(100.0, silent(1, 2, 3), 0).held == 3
+    # They resumed; a second storm much later holds them again, from scratch.
+    later = 100.0 + (HOLD_LIMIT + 5) * T
+    d = p.decide(later, silent(1, 2, 3), 0)
+    assert d.kill == [] and d.held == 3
 
 
 def test_fraction_is_configurable() -> None:

@@ -3,9 +3,10 @@ plugin, and a live view of what it sees, all on free loopback ports in a
 temporary folder that is removed afterwards.
 
 The fleet: ``steady`` processes heartbeat every 0.3 s; ``flaky`` ones stop
-heartbeating after a random 3-12 s but stay alive (a hang), so the watchdog
-kills them and circusd respawns them; ``unmonitored`` never heartbeats and is
-not matched by ``watchers_regex``, so it is left alone.
+heartbeating after a random 2-8 s but stay alive (a hang), so the watchdog
+kills them and circusd respawns them (the first kill comes well within 15 s);
+``unmonitored`` never heartbeats and is not matched by ``watchers_regex``, so
+it is left alone.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ cmd = {worker} --interval 0.3
 numprocesses = 3
 
 [watcher:flaky]
-cmd = {worker} --interval 0.3 --hang-after 3:12
+cmd = {worker} --interval 0.3 --hang-after 2:8
 numprocesses = 3
 graceful_timeout = 1
 
@@ -94,7 +95,9 @@ def fetch_status(metrics_port: int) -> dict[str, Any] | None:
         return None
 
 
-def render(status: dict[str, Any], rate: float, elapsed: float, unmonitored: Any) -> str:
+def render(
+    status: dict[str, Any], rate: float, elapsed: float, unmonitored: Any
+) -> str:
     """One screen of the live view."""
     kills = status["kills"]
     lines = [

@@ -11,7 +11,10 @@
   are held: the pids get a fresh deadline, so a pid that resumes is never
   killed and one that stays silent comes back at its next deadline.  A hold is
   bounded: a pid silent for ``HOLD_LIMIT`` timeouts in a row since its first
-  hold is killed anyway.
+  hold is killed anyway.  The guard counts the kills already made in the
+  window too, so silences spread over several ticks still trip it, but only
+  once the window holds more than the allowed share: it caps casualties, it
+  cannot tell the first ones from a real hang.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class KillPolicy:
         self.storm_floor = storm_floor
         self.hold_limit = HOLD_LIMIT * timeout  # seconds a kill may be held
         self._recent: collections.deque[float] = collections.deque()  # kill times
-        self._held_since: dict[int, float] = {}
+        # pid -> (first held, last held) of the current hold of each pid
+        self._held: dict[int, tuple[float, float]] = {}
         self._last_alarm = -float("inf")
 
     def decide(
@@ -77,8 +81,11 @@ class KillPolicy:
         while self._recent and self._recent[0] < window:
             self._recent.popleft()
         limit = self.hold_limit
-        for pid in [p for p, t in self._held_since.items() if t < now - 2 * limit]:
-            del self._held_since[pid]  # resumed long ago: forget the hold
+        # A pid still silent comes back every timeout (plus a tick): one not
+        # seen for two timeouts resumed, and a later hold starts afresh.
+        resumed = now - 2 * self.timeout
+        for pid in [p for p, (_, last) in self._held.items() if last < resumed]:
+            del self._held[pid]
         decision = Decision(kill=list(silent))
         would_die = len(self._recent) + len(silent)
         if (
@@ -88,10 +95,11 @@ class KillPolicy:
         ):
             decision.kill = []
             for pid, watcher in silent:
-                since = self._held_since.setdefault(pid, now)
+                since = self._held.get(pid, (now, now))[0]
                 if now - since >= limit:
                     decision.kill.append((pid, watcher))
                 else:
+                    self._held[pid] = (since, now)
                     decision.rearm.append((pid, watcher))
             decision.held = len(decision.rearm)
             if decision.held and now - self._last_alarm >= self.timeout:
@@ -107,6 +115,6 @@ class KillPolicy:
                     limit,
                 )
         for pid, _ in decision.kill:
-            self._held_since.pop(pid, None)
+            self._held.pop(pid, None)
             self._recent.append(now)
         return decision

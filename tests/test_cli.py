@@ -1,0 +1,388 @@
+"""Standalone mode: the ``circus-watchdog`` command beside a real circusd, and
+``circus-watchdog demo``.
+
+Each test picks the core through CIRCUS_WATCHDOG_NO_EXTENSIONS in the
+environment of the command, and checks it in ``--version`` or ``/status``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from circus_watchdog import __version__
+from support import (
+    NO_EXTENSIONS,
+    Circusd,
+    Standalone,
+    check_kill_latency,
+    command,
+    free_udp_port,
+    kills,
+    metric,
+    process_gone,
+    wait_for,
+    wait_pids,
+    worker_cmd,
+)
+
+LOOP_RATE = 0.5  # seconds
+MAX_COUNT = 2
+TIMEOUT = LOOP_RATE * MAX_COUNT
+TICK = LOOP_RATE / 10  # the default tick
+EXIT_BOUND = 5.0  # seconds to exit after a signal
+
+Start = Callable[..., Circusd]
+
+
+def timing_flags(udp: int) -> list[str]:
+    return [
+        *("--port", str(udp)),
+        *("--loop-rate", str(LOOP_RATE)),
+        *("--max-count", str(MAX_COUNT)),
+    ]
+
+
+def sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+# -- the command line -------------------------------------------------------
+
+
+def test_version(core_tag: str) -> None:
+    out = subprocess.run(
+        [*command(), "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    pattern = rf"circus-watchdog {re.escape(__version__)} core={core_tag} "
+    pattern += r"loop=(uvloop|asyncio)"
+    assert re.fullmatch(pattern, out.stdout.strip()), out.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--loop-rate", "abc"], "invalid loop_rate (--loop-rate)"),
+        (["--watchers-regex", "(web"], "invalid watchers_regex (--watchers-regex)"),
+        (["--msg-regex", "^(.*);(.*)$"], "invalid msg_regex (--msg-regex)"),
+        (["--port", "70000"], "invalid port (--port)"),
+        (["--lop-rate", "1"], "unrecognized arguments: --lop-rate"),
+    ],
+)
+def test_wrong_option_exits_2_naming_it(
+    core_tag: str, flags: list[str], named: str
+) -> None:
+    out = subprocess.run(
+        [*command(), *flags], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert named in out.stderr
+    assert out.stdout == ""
+
+
+def test_port_taken_exits_1_naming_it(core_tag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        # circusd need not be up: the socket is bound first.
+        out = subprocess.run(
+            [*command(), "--port", str(port), "--endpoint", "tcp://127.0.0.1:1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 1
+    assert f"ip 127.0.0.1 port {port}" in out.stdout + out.stderr
+
+
+# -- beside a real circusd --------------------------------------------------
+
+
+@pytest.mark.circusd
+def test_kills_hung_keeps_the_rest_and_follows_incr_decr(
+    circusd_factory: Start,
+    standalone: Callable[..., Standalone],
+    tmp_path: Path,
+    core_tag: str,
+) -> None:
+    """Hung ``hang`` is killed in time and its respawn monitored; healthy
+    ``web`` and unmatched ``other`` keep their pids; incr/decr are followed;
+    SIGTERM exits 0."""
+    udp = free_udp_port()
+    hangs = tmp_path / "hangs"
+    circusd = circusd_factory(
+        f"""
+[watcher:web]
+cmd = {worker_cmd(udp)}
+numprocesses = 2
+
+[watcher:hang]
+cmd = {worker_cmd(udp, hang_after=1, hang_file=hangs)}
+numprocesses = 1
+
+[watcher:other]
+cmd = {worker_cmd(udp, silent=True)}
+numprocesses = 1
+"""
+    )
+    pids = wait_pids(circusd, {"web": 2, "hang": 1, "other": 1})
+    (hang,) = pids["hang"]
+    watchdog = standalone(
+        circusd, *timing_flags(udp), "--watchers-regex", "^(web|hang)$", core=core_tag
+    )
+    started = time.monotonic()
+    expected = {hang: "hang", **dict.fromkeys(pids["web"], "web")}
+    wait_for(lambda: watchdog.monitored() == expected, timeout=5)
+    since = time.time()
+    check_kill_latency(
+        circusd, "hang", hang, hangs, timeout=TIMEOUT, tick=TICK, since=since
+    )
+    (respawned,) = circusd.wait_for(lambda: circusd.pids("hang"), timeout=5)
+    assert respawned != hang
+    wait_for(lambda: watchdog.monitored().get(respawned) == "hang", timeout=5)
+
+    def web_in_step(count: int) -> bool:
+        web = circusd.pids("web")
+        status = watchdog.monitored()
+        gauge = metric(watchdog.metrics(), "monitored_pids")
+        in_status = {pid for pid, name in status.items() if name == "web"}
+        return len(web) == count and in_status == set(web) and gauge == len(status)
+
+    circusd.call("incr", name="web")
+    wait_for(lambda: web_in_step(3), timeout=5)
+    grown = set(circusd.pids("web"))
+    circusd.call("decr", name="web")
+    wait_for(lambda: web_in_step(2), timeout=5)
+    (dropped,) = grown - set(circusd.pids("web"))
+    assert dropped not in watchdog.monitored()
+
+    # Several timeouts on, the healthy and the unmatched are untouched.
+    sleep_until(started + 3 * TIMEOUT)
+    assert set(circusd.pids("web")) == grown - {dropped}
+    assert set(pids["web"]) <= grown
+    assert circusd.pids("other") == pids["other"]
+    assert set(kills(watchdog.metrics())) == {"hang"}
+
+    assert watchdog.stop(signal.SIGTERM) == 0
+    assert "watchdog stopped" in watchdog.tail()
+
+
+@pytest.mark.circusd
+def test_circusd_restart(
+    circusd_factory: Start,
+    standalone: Callable[..., Standalone],
+    core_tag: str,
+) -> None:
+    """circusd SIGKILLed and started again on the same ports: the watchdog
+    reconnects, re-syncs, kills nobody healthy and still kills the hung;
+    SIGINT exits 0."""
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        f"""
+[watcher:web]
+cmd = {worker_cmd(udp)}
+numprocesses = 2
+
+[watcher:hang]
+cmd = {worker_cmd(udp, hang_after=1)}
+numprocesses = 1
+"""
+    )
+    pids = wait_pids(circusd, {"web": 2, "hang": 1})
+    watchdog = standalone(circusd, *timing_flags(udp), core=core_tag)
+    expected = {pids["hang"][0]: "hang", **dict.fromkeys(pids["web"], "web")}
+    wait_for(lambda: watchdog.monitored() == expected, timeout=5)
+
+    circusd.kill()
+    wait_for(lambda: not watchdog.status()["connected"], timeout=5)
+    resyncs = metric(watchdog.metrics(), "resyncs_total")
+    circusd.restart()
+    restarted = time.monotonic()
+    pids = wait_pids(circusd, {"web": 2, "hang": 1})
+    assert not set(pids["web"]) & set(expected)
+
+    def resynced() -> bool:
+        status = watchdog.status()
+        web = {pid for pid, name in watchdog.monitored().items() if name == "web"}
+        return status["connected"] and web == set(pids["web"])
+
+    wait_for(resynced, timeout=10)
+    assert metric(watchdog.metrics(), "resyncs_total") > resyncs
+    hang_kills = kills(watchdog.metrics()).get("hang", 0)
+    # Still at work: the new hung process dies...
+    wait_for(lambda: kills(watchdog.metrics()).get("hang", 0) > hang_kills, 10)
+    # ...and, several timeouts after the restart, the healthy live on.
+    sleep_until(restarted + 3 * TIMEOUT)
+    assert circusd.pids("web") == pids["web"]
+    assert "web" not in kills(watchdog.metrics())
+
+    assert watchdog.stop(signal.SIGINT) == 0
+    assert "watchdog stopped" in watchdog.tail()
+
+
+@pytest.mark.circusd
+def test_stall_guard(
+    circusd_factory: Start,
+    standalone: Callable[..., Standalone],
+    core_tag: str,
+) -> None:
+    """The watchdog SIGSTOPped for twice the timeout, then SIGCONTed: its
+    silence is its own, so nobody healthy is killed.
+
+    Its workers are stopped with it, as in a paused VM, and resumed half a
+    timeout after it: so its first, late, tick finds them all silent and only
+    the stall guard saves them (had they run on, the heartbeats queued in the
+    meantime might have been read before that tick).
+    """
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        f"""
+[watcher:web]
+cmd = {worker_cmd(udp)}
+numprocesses = 3
+"""
+    )
+    web = wait_pids(circusd, {"web": 3})["web"]
+    # No storm guard: it would hold these kills too, and hide a missing stall guard.
+    flags = [*timing_flags(udp), "--no-storm-guard"]
+    watchdog = standalone(circusd, *flags, core=core_tag)
+    wait_for(lambda: set(watchdog.monitored()) == set(web), timeout=5)
+
+    frozen = [watchdog.proc.pid, *web]
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(2 * TIMEOUT)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+            if pid == watchdog.proc.pid:
+                time.sleep(TIMEOUT / 2)
+    sleep_until(time.monotonic() + 1.2 * TIMEOUT)
+    series = watchdog.metrics()
+    assert metric(series, "stalls_total") > 0
+    assert not kills(series)
+    assert circusd.pids("web") == web
+    assert set(watchdog.monitored()) == set(web)
+
+
+@pytest.mark.circusd
+def test_dry_run_kills_nothing(
+    circusd_factory: Start,
+    standalone: Callable[..., Standalone],
+    core_tag: str,
+) -> None:
+    """``--dry-run``: the hung process is counted (again each timeout), kept."""
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        f"""
+[watcher:web]
+cmd = {worker_cmd(udp)}
+numprocesses = 1
+
+[watcher:hang]
+cmd = {worker_cmd(udp, hang_after=0.2)}
+numprocesses = 1
+"""
+    )
+    pids = wait_pids(circusd, {"web": 1, "hang": 1})
+    watchdog = standalone(circusd, *timing_flags(udp), "--dry-run", core=core_tag)
+    assert watchdog.status()["dry_run"] is True
+    wait_for(lambda: metric(watchdog.metrics(), "would_kill_total") >= 2, 5 * TIMEOUT)
+    assert not kills(watchdog.metrics())
+    assert circusd.pids("hang") == pids["hang"]
+    assert circusd.pids("web") == pids["web"]
+    assert watchdog.stop(signal.SIGTERM) == 0
+
+
+# -- the demo ---------------------------------------------------------------
+
+
+@dataclass
+class Demo:
+    """One ``circus-watchdog demo`` run and every process it was seen to start."""
+
+    core: str
+    proc: subprocess.Popen[bytes]
+    seen: set[psutil.Process]
+
+
+@pytest.mark.circusd
+def test_demo(request: pytest.FixtureRequest) -> None:
+    """``circus-watchdog demo --duration 15 --plain`` kills at least one hung
+    process, and leaves no process nor temporary folder behind.
+
+    One demo per core, side by side: a run takes the whole 15 s.
+    """
+    cores = ["c", "py"] if request.config.getoption("--c-extensions") else ["py"]
+    demos: list[Demo] = []
+    for core in cores:
+        env = {k: v for k, v in os.environ.items() if k != NO_EXTENSIONS}
+        if core == "py":
+            env[NO_EXTENSIONS] = "1"
+        proc = subprocess.Popen(
+            [*command(), "demo", "--duration", "15", "--plain"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        demos.append(Demo(core, proc, set()))
+    done = threading.Event()
+
+    def spy() -> None:
+        # Every process the demos start (circusd, its plugin, the fleet).
+        while not done.is_set():
+            for demo in demos:
+                try:
+                    demo.seen.update(psutil.Process(demo.proc.pid).children(True))
+                except psutil.NoSuchProcess:
+                    pass
+            done.wait(0.2)
+
+    spy_thread = threading.Thread(target=spy, daemon=True)
+    spy_thread.start()
+    outputs = []
+    try:
+        for demo in demos:
+            out, _ = demo.proc.communicate(timeout=60)
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        done.set()
+        spy_thread.join(5)
+        for demo in demos:
+            if demo.proc.poll() is None:
+                demo.proc.kill()
+                demo.proc.wait()
+        seen = [p for demo in demos for p in demo.seen]
+        try:
+            wait_for(lambda: all(process_gone(p.pid) for p in seen), EXIT_BOUND)
+            leftovers = []
+        except AssertionError:
+            leftovers = [p for p in seen if not process_gone(p.pid)]
+            for p in leftovers:
+                p.kill()
+    for demo, text in zip(demos, outputs, strict=True):
+        assert demo.proc.returncode == 0, text
+        # circusd, the plugin, 3 steady, 3 flaky and 2 unmonitored workers.
+        assert len(demo.seen) >= 10, text
+        assert f" core={demo.core} " in text
+        match = re.search(r"^demo summary: (\d+) kill\(s\) ", text, re.MULTILINE)
+        assert match, text
+        assert int(match[1]) >= 1, text
+        folder = re.search(r"^circusd started .* in (\S+);", text, re.MULTILINE)
+        assert folder, text
+        assert not os.path.exists(folder[1])
+    assert not leftovers
