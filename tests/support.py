@@ -42,6 +42,8 @@ from typing import Any, TypeVar
 import psutil
 from circus.client import CircusClient
 
+from circus_watchdog.demo import free_ports
+
 T = TypeVar("T")
 
 #: A watcher command: sleeps up to 600 s, exits within 0.2 s of losing its
@@ -56,21 +58,9 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
-def _free_ports(count: int) -> list[int]:
-    # Hold every socket until all are bound so the ports are distinct.
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    return _free_ports(1)[0]
+    return free_ports(1)[0]
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
@@ -213,7 +203,7 @@ def start_circusd(
     extra_circus_options: str = "",
 ) -> Circusd:
     """Start circusd with ``sections`` on free loopback ports; wait for ``list``."""
-    ctl, pub = _free_ports(2)
+    ctl, pub = free_ports(2)
     endpoint = f"tcp://127.0.0.1:{ctl}"
     pubsub = f"tcp://127.0.0.1:{pub}"
     loglevel = os.environ.get("CIRCUS_WATCHDOG_TEST_LOGLEVEL", "info")

@@ -1,23 +1,4 @@
 """Public home of the heartbeat core: ``from circus_watchdog.core import ...``."""
 
-from ._core import (
-    DrainCounts,
-    HeartbeatTable,
-    compiled,
-    heartbeat_timestamp,
-    notify_kind,
-    parse_heartbeat,
-    send_datagrams,
-    send_heartbeats,
-)
-
-__all__ = (
-    "DrainCounts",
-    "HeartbeatTable",
-    "compiled",
-    "heartbeat_timestamp",
-    "notify_kind",
-    "parse_heartbeat",
-    "send_datagrams",
-    "send_heartbeats",
-)
+from ._core import *  # noqa: F403 - the selector's public names, nothing else
+from ._core import __all__ as __all__

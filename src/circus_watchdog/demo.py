@@ -32,7 +32,9 @@ REFRESH = 0.5  # seconds between screen updates
 START_TIMEOUT = 20.0  # seconds for circusd and the plugin to come up
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1."""
+    # Hold every socket until all are bound so the ports are distinct.
     socks = [socket.socket() for _ in range(count)]
     try:
         for sock in socks:
@@ -45,7 +47,7 @@ def _free_ports(count: int) -> list[int]:
 
 def write_ini(folder: Path) -> tuple[Path, str, int]:
     """Write the demo's circus.ini; returns its path, endpoint and metrics port."""
-    endpoint_port, pubsub_port, stats_port, udp_port, metrics_port = _free_ports(5)
+    endpoint_port, pubsub_port, stats_port, udp_port, metrics_port = free_ports(5)
     worker = f"{sys.executable} -m circus_watchdog.demo_worker"
     worker += f" --address 127.0.0.1:{udp_port}"
     endpoint = f"tcp://127.0.0.1:{endpoint_port}"
