@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -132,9 +133,8 @@ class Watchdog:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self._set_rcvbuf(sock)
-            if not path.startswith("@"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # a socket left by a previous run
+            if not path.startswith("@") and _is_socket(path):
+                os.unlink(path)  # left by a previous run; never unlink a file
             sock.bind(address)
             if not path.startswith("@"):
                 os.chmod(path, 0o666)  # watchers may run as other users
@@ -247,9 +247,9 @@ class Watchdog:
             for listener in (self._sock, self._unix):
                 if listener is not None:
                     listener.close()
-            if config.unix_socket and not config.unix_socket.startswith("@"):
-                with contextlib.suppress(OSError):
-                    os.unlink(config.unix_socket)
+            path = config.unix_socket
+            if self._unix is not None and path and _is_socket(path):
+                os.unlink(path)
             logger.info("watchdog stopped")
 
     def _listening(self) -> list[str]:
@@ -582,6 +582,13 @@ class Watchdog:
             "would_kill": self.metrics.would_kill,
             "kills_held": self.metrics.kills_held,
         }
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _alive(pid: int) -> bool:
