@@ -229,9 +229,13 @@ def heartbeat_timestamp(data):
 
 def parse_heartbeat(data):
     """Return the pid of a default-format ``PID;TIMESTAMP`` heartbeat, else None."""
-    cdef bytes b = data if type(data) is bytes else bytes(data)
-    cdef int32_t pid = _parse(<const unsigned char *>PyBytes_AS_STRING(b),
-                              PyBytes_GET_SIZE(b))
+    cdef int32_t pid
+    if type(data) is not bytes:
+        data = bytes(data)
+    # Unchecked access: the exact type was just ensured.
+    pid = _parse(
+        <const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)
+    )
     return pid if pid else None
 
 
