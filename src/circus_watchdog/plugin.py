@@ -42,7 +42,9 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
     **storm_guard** (default: true), **max_kill_fraction** (default: 0.5),
     **storm_floor** (default: 2), **rcvbuf** (default: 8M), **budget**
     (default: 4096), **resync_interval** (default: 60), **call_timeout**
-    (default: 5).
+    (default: 5), **unix_socket** (default: off), **max_age** (default: off),
+    **grace** (default: the timeout), **watcher_timeouts** (default: none),
+    **diagnostic_signal** (default: off), **diagnostic_delay** (default: 2).
     """
 
     name = "watchdog"
