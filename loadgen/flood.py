@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -119,8 +120,9 @@ class Sender:
 
     def __init__(self, plan: Plan, sock: socket.socket) -> None:
         self._sock = sock
-        self._fm = plan.malformed
-        self._fu = plan.unknown
+        # Exact shares: floor(20000 * 0.3) must be 6000, not 5999.
+        self._fm = Fraction(plan.malformed).limit_denominator(10**9)
+        self._fu = Fraction(plan.unknown).limit_denominator(10**9)
         pids = plan.pids
         self._npids = len(pids)
         # Repeat the pids so that a slice of up to CALL_MAX never wraps.
