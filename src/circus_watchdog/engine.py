@@ -93,6 +93,9 @@ class Watchdog:
         self._self_watchers: set[str] = set()
         self._parent_pid = parent_pid
         self._killing: dict[int, str] = {}  # kill asked, not yet confirmed
+        # Killed pids that circusd may still list for a moment (it sends no
+        # reap for what it kills): a re-sync must not bring them back.
+        self._killed: dict[int, float] = {}
         self._known_watchers: set[str] = set()
         self._drops_seen = 0  # kernel drop count at the last tick
         self._churn: dict[int, str] | None = None  # events seen during a re-sync
@@ -415,6 +418,7 @@ class Watchdog:
             self.metrics.kills[watcher] += 1
         finally:
             self._killing.pop(pid, None)
+            self._killed[pid] = time.monotonic()
 
     async def _diagnose(self, pid: int, watcher: str, signum: int) -> None:
         assert self._client is not None
@@ -480,9 +484,11 @@ class Watchdog:
         for pid in self.table.pids():
             if pid not in found and pid not in churn:
                 self.table.remove(pid)
+        for pid in [p for p in self._killed if p not in found]:
+            del self._killed[pid]  # gone from circusd's list: nothing to guard
         for pid, watcher in found.items():
             self._learn_watcher(watcher)
-            if pid in churn or pid in self._killing:
+            if pid in churn or pid in self._killing or pid in self._killed:
                 continue  # an event since `list` knows better
             if fresh or pid not in self.table or self.table.watcher_of(pid) != watcher:
                 self.table.add(pid, watcher, now)
@@ -531,6 +537,7 @@ class Watchdog:
                 if name in self._self_watchers or pid in self._self_pids:
                     continue
                 self._killing.pop(pid, None)
+                self._killed.pop(pid, None)  # the pid was reused
                 self._learn_watcher(name)
                 self.table.add(pid, name, time.monotonic(), self.config.grace)
             elif event.action in ("reap", "kill"):
