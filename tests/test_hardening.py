@@ -13,6 +13,7 @@ import io
 import json
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -219,3 +220,45 @@ def test_escalation_grace_and_watcher_timeouts(
     assert circusd.pids("slow") == [slow_pid], wd.tail()
     assert circusd.pids("batch") == pids["batch"]  # its own 60 s timeout
     assert set(kills(wd.metrics())) == {"hung"}
+
+
+def test_kill_failure_is_counted(
+    circusd_factory: Start,
+    standalone: Callable[..., Standalone],
+    core_tag: str,
+) -> None:
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        f"[watcher:web]\ncmd = {worker_cmd(udp, interval=0.1)}\nnumprocesses = 2\n\n"
+        f"[watcher:hung]\ncmd = {SLEEPER}\nnumprocesses = 1\n"
+    )
+    hung = wait_pids(circusd, {"web": 2, "hung": 1})["hung"][0]
+    # SIGWINCH is ignored by default: it only opens a window before the kill.
+    wd = standalone(
+        circusd,
+        *flags("--port", str(udp)),
+        *("--diagnostic-signal", "WINCH", "--diagnostic-delay", "3"),
+        core=core_tag,
+    )
+    wait_for(lambda: hung in wd.status()["killing"], timeout=TIMEOUT + SLACK + 3)
+    # Meanwhile someone else has circusd stop it gently, with a signal it
+    # ignores: circusd then answers the watchdog's kill "ok" without killing
+    # (the process is already stopping), and the watchdog must notice.
+    circusctl = Path(sys.executable).with_name("circusctl")
+    other = subprocess.Popen(
+        [str(circusctl), "--endpoint", circusd.endpoint, "--timeout", "30"]
+        + ["kill", "hung", str(hung), "--signum", "WINCH", "--graceful_timeout", "20"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        series = wait_for(
+            lambda: metric(wd.metrics(), "kill_failures_total") and wd.metrics(),
+            timeout=15,
+        )
+    finally:
+        other.kill()
+        other.wait()
+    assert metric(series, "kill_failures_total") == 1
+    assert kills(series) == {}
+    assert "still runs after the kill" in wd.tail()
