@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +122,14 @@ def test_forged_flood_keeps_memory_and_processes(
     time.sleep(1)
     before = psutil.Process(wd.proc.pid).memory_info().rss
     out = io.StringIO()
+    # Freeze the watchdog for a second of the flood, so the kernel must drop
+    # (a fast core may otherwise keep up even with the small buffer).
+    timers = [
+        threading.Timer(1.0, os.kill, (wd.proc.pid, signal.SIGSTOP)),
+        threading.Timer(2.0, os.kill, (wd.proc.pid, signal.SIGCONT)),
+    ]
+    for timer in timers:
+        timer.start()
     with contextlib.redirect_stdout(out):
         code = loadgen.main(
             [
@@ -128,6 +139,9 @@ def test_forged_flood_keeps_memory_and_processes(
                 "--json",
             ]
         )
+    for timer in timers:
+        timer.join()
+    os.kill(wd.proc.pid, signal.SIGCONT)  # whatever the timers managed
     assert code == 0
     sent = json.loads(out.getvalue())["sent"]
     assert sent == 1_000_000
