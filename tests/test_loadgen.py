@@ -188,7 +188,8 @@ def test_stops_at_duration(capsys: pytest.CaptureFixture[str]) -> None:
         wall = time.monotonic() - start
     assert code == 0
     assert report["sent"] > 0
-    assert 1.0 <= report["elapsed"] < 1.2
+    # Stops at --duration, not at some other bound (generous: a shared host).
+    assert 1.0 <= report["elapsed"] < 2.0
     assert wall < 3.0
 
 
@@ -253,12 +254,7 @@ def test_no_progress_bar_off_a_terminal(
 
 
 def test_ipv6_target(capsys: pytest.CaptureFixture[str]) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        rx = Receiver(socket.AF_INET6)
-    except OSError as exc:
-        pytest.skip(f"no ::1: {exc}")
+    rx = Receiver(socket.AF_INET6)  # ::1 is on every Linux loopback: no skip
     try:
         code, report = run_json(capsys, "--target", rx.target, "--count", "500")
         assert code == 0 and report["sent"] == 500

@@ -270,12 +270,13 @@ class Watchdog:
         now = time.monotonic()
         try:
             if self._pattern is None:
+                max_age = self.config.max_age
                 counts = self.table.drain(
                     self._sock,
                     now,
                     self.config.budget,
-                    self.config.max_age or 0.0,
-                    time.time(),
+                    max_age or 0.0,
+                    time.time() if max_age else 0.0,  # wall clock only if checked
                 )
             else:
                 payloads, oversized = self.table.drain_raw(
