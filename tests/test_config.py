@@ -30,7 +30,7 @@ from circus_watchdog.config import (
 
 NAMES = [f.name for f in dataclasses.fields(Config)]
 ENDPOINTS = {"endpoint", "pubsub_endpoint"}
-BOOLEANS = {"dry_run", "storm_guard"}
+BOOLEANS = {"dry_run", "storm_guard", "include_circus"}
 LOGGER = "circus_watchdog.config"
 
 
@@ -114,6 +114,50 @@ def test_defaults() -> None:
 def test_custom_msg_regex_is_compiled() -> None:
     cfg = Config.from_options({"msg_regex": r"^(?P<pid>\d+)$"})
     assert cfg.msg_pattern == re.compile(r"^(?P<pid>\d+)$")
+    assert cfg.msg_pattern is cfg.msg_pattern  # compiled once, then cached
+
+
+def test_max_age_needs_a_timestamp_group() -> None:
+    with pytest.raises(ConfigError, match=r"^invalid max_age \(--max-age\): .*'5'$"):
+        Config.from_options({"msg_regex": r"^(?P<pid>\d+)$", "max_age": "5"})
+    with pytest.raises(ConfigError, match=r"^invalid max_age"):
+        parse_cli("--msg-regex", r"^(?P<pid>\d+)$", "--max-age", "5")
+    cfg = Config.from_options({"msg_regex": r"^(?P<pid>\d+)$", "max_age": "0"})
+    assert cfg.max_age is None
+    regex = r"^(?P<pid>\d+) (?P<timestamp>\S+)$"
+    assert Config.from_options({"msg_regex": regex, "max_age": "5"}).max_age == 5.0
+
+
+def test_new_option_defaults() -> None:
+    cfg = Config.from_options({})
+    assert (cfg.metrics_host, cfg.notify_access) == ("127.0.0.1", "main")
+    assert (cfg.include_circus, cfg.batch_delay) == (False, 0.001)
+    assert (cfg.diagnostic_command, cfg.diagnostic_dir) == (None, None)
+    assert cfg.diagnostic_timeout == 10.0
+    assert (cfg.diagnostic_keep, cfg.diagnostic_concurrency) == (100, 2)
+
+
+def test_new_option_values(tmp_path: Path) -> None:
+    target = tmp_path / "made" / "here"
+    cfg = Config.from_options(
+        {
+            "metrics_host": "::",
+            "notify_access": "ALL",
+            "batch_delay": "0",
+            "diagnostic_command": "py-spy dump --pid {pid} --note '{watcher} {{x}}'",
+            "diagnostic_dir": str(target),
+        }
+    )
+    assert (cfg.metrics_host, cfg.notify_access, cfg.batch_delay) == ("::", "all", 0)
+    assert cfg.diagnostic_command == (
+        "py-spy", "dump", "--pid", "{pid}", "--note", "{watcher} {{x}}"
+    )  # fmt: skip
+    assert cfg.diagnostic_dir == str(target) and target.is_dir()
+    assert cfg == parse_cli(
+        "--metrics-host", "::", "--notify-access", "all", "--batch-delay", "0",
+        "--diagnostic-command", "py-spy dump --pid {pid} --note '{watcher} {{x}}'",
+        "--diagnostic-dir", str(target),
+    )  # fmt: skip
 
 
 def test_watchers_regex_uses_match() -> None:
@@ -169,6 +213,21 @@ BAD = [
     ("watcher_timeouts", "(=5"),
     ("diagnostic_signal", "NOPE"),
     ("diagnostic_delay", "0"),
+    ("metrics_host", "localhost"),
+    ("metrics_host", "1.2.3"),
+    ("notify_access", "some"),
+    ("include_circus", "maybe"),
+    ("batch_delay", "0.006"),
+    ("batch_delay", "-0.001"),
+    ("diagnostic_command", "py-spy dump --pid {foo}"),
+    ("diagnostic_command", "echo {pid!r}"),
+    ("diagnostic_command", "echo {"),
+    ("diagnostic_command", "echo 'unpaired"),
+    ("diagnostic_timeout", "0"),
+    ("diagnostic_dir", "/proc/no-such-dir"),
+    ("diagnostic_dir", "/etc/hostname/sub"),
+    ("diagnostic_keep", "0"),
+    ("diagnostic_concurrency", "0"),
 ]
 
 

@@ -13,12 +13,16 @@ import difflib
 import ipaddress
 import logging
 import math
+import os
 import re
 import shlex
 import signal
 import socket
+import string
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from circus.config import get_config
@@ -129,6 +133,55 @@ def _ip(raw: str) -> str:
         except (OSError, UnicodeError):
             continue
     raise ValueError("an IP address such as 127.0.0.1 or ::1, or a host name")
+
+
+def _ip_literal(raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError("an IP address such as 127.0.0.1, 0.0.0.0 or ::1") from None
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return raw.lower()
+
+    return parse
+
+
+_PLACEHOLDERS = frozenset({"pid", "watcher"})
+
+
+def _command(raw: str) -> tuple[str, ...]:
+    expected = (
+        "a command line whose only placeholders are {pid} and {watcher}"
+        " (write {{ and }} for literal braces)"
+    )
+    try:
+        words = tuple(shlex.split(raw))
+        for word in words:
+            for _, name, spec, conv in string.Formatter().parse(word):
+                if name is not None and (name not in _PLACEHOLDERS or spec or conv):
+                    raise ValueError(expected)
+    except ValueError:  # an unpaired quote or brace, or another placeholder
+        raise ValueError(expected) from None
+    if not words:
+        raise ValueError(expected)
+    return words
+
+
+def _writable_dir(raw: str) -> str:
+    """A writable directory, created if missing (the surest test that it can be)."""
+    path = os.path.abspath(raw)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"a writable directory ({exc.strerror})") from None
+    return path
 
 
 def _signal(raw: str) -> int:
@@ -399,6 +452,66 @@ class Config:
         metavar="SECONDS",
     )
 
+    metrics_host: str = _opt(
+        "127.0.0.1",
+        _ip_literal,
+        "address the metrics server binds to; anything but loopback is logged "
+        "as a warning",
+        metavar="IP",
+    )
+    notify_access: str = _opt(
+        "main",
+        _choice("main", "all"),
+        "which sd_notify senders count for a monitored pid: main (the pid itself) "
+        "or all (any process whose parent chain reaches it)",
+        metavar="main|all",
+    )
+    include_circus: bool = _opt(
+        "false",
+        _bool,
+        "also monitor circus's own processes (circusd-stats, plugin:* watchers)",
+    )
+    batch_delay: float = _opt(
+        "0.001",
+        _float("a number of seconds from 0 to 0.005", lambda v: 0 <= v <= 0.005),
+        "seconds the receiver waits between drains while a flood keeps the socket "
+        "busy; 0 = read on every wake-up",
+        metavar="SECONDS",
+    )
+    diagnostic_command: tuple[str, ...] | None = _opt(
+        "",
+        _optional(_command),
+        "command run before a kill, e.g. 'py-spy dump --pid {pid}'; {pid} and "
+        "{watcher} are replaced, its output saved in diagnostic_dir",
+        metavar="COMMAND",
+        shown_default="off",
+    )
+    diagnostic_timeout: float = _opt(
+        "10",
+        _SECONDS,
+        "seconds diagnostic_command may run before it is killed",
+        metavar="SECONDS",
+    )
+    diagnostic_dir: str | None = _opt(
+        "",
+        _optional(_writable_dir),
+        "directory (created if missing) where diagnostic_command's output is kept",
+        metavar="PATH",
+        shown_default="off",
+    )
+    diagnostic_keep: int = _opt(
+        "100",
+        _int("an integer >= 1", 1),
+        "number of diagnostic files kept in diagnostic_dir (oldest removed first)",
+        metavar="N",
+    )
+    diagnostic_concurrency: int = _opt(
+        "2",
+        _int("an integer >= 1", 1),
+        "maximum number of diagnostic_command runs at once",
+        metavar="N",
+    )
+
     @property
     def timeout(self) -> float:
         """Seconds of silence after which a process is killed."""
@@ -411,9 +524,9 @@ class Config:
                 return seconds
         return self.timeout
 
-    @property
+    @cached_property
     def msg_pattern(self) -> re.Pattern[str] | None:
-        """The custom msg_regex compiled, or None for the default (compiled) format."""
+        """The custom msg_regex compiled once, or None for the default format."""
         if self.msg_regex == DEFAULT_MSG_REGEX:
             return None
         return re.compile(self.msg_regex)
@@ -468,6 +581,13 @@ class Config:
         elif parsed["tick"] > timeout:
             expected = f"a number of seconds <= loop_rate * max_count ({timeout:g})"
             raise ConfigError(_invalid("tick", expected, values["tick"].strip()))
+        if (
+            parsed["max_age"] is not None
+            and parsed["msg_regex"] != DEFAULT_MSG_REGEX
+            and "timestamp" not in re.compile(parsed["msg_regex"]).groupindex
+        ):
+            expected = "0 (off) with a msg_regex that has no (?P<timestamp>...) group"
+            raise ConfigError(_invalid("max_age", expected, values["max_age"].strip()))
         if parsed["port"] == 0 and parsed["unix_socket"] is None:
             expected = "a port from 1 to 65535 unless unix_socket is set"
             raise ConfigError(_invalid("port", expected, "0"))
