@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,23 +25,12 @@ from typing import Any
 import orjson
 from circus.client import CircusClient
 
+from circus_watchdog.harness import free_ports
+
 LOOP_RATE = 1.0  # seconds; timeout = LOOP_RATE * MAX_COUNT
 MAX_COUNT = 3
 REFRESH = 0.5  # seconds between screen updates
 START_TIMEOUT = 20.0  # seconds for circusd and the plugin to come up
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1."""
-    # Hold every socket until all are bound so the ports are distinct.
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def write_ini(folder: Path) -> tuple[Path, str, int]:
