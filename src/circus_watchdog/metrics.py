@@ -1,59 +1,66 @@
-"""Counters, and the HTTP endpoint serving them as Prometheus text (``/metrics``)
-and the monitored pids as JSON (``/status``)."""
+"""Counters, their Prometheus exposition (``/metrics``, through
+``prometheus_client``) and the monitored pids as JSON (``/status``).
+
+The engine's parts add to plain ints in `Metrics` (the hot path stays free of
+locks and objects); state owned elsewhere (monitored pids, the circusd
+connection, kernel drops) is read through `Readings` when Prometheus scrapes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from ._core import DrainCounts
 
 logger = logging.getLogger("circus.watchdog")
 
-# (attribute, metric name, type, help); kills are labelled by watcher below.
-_SERIES: tuple[tuple[str, str, str, str], ...] = (
-    ("datagrams", "datagrams_total", "counter", "UDP datagrams received"),
-    ("heartbeats", "heartbeats_total", "counter", "heartbeats of a monitored pid"),
-    ("unknown", "unknown_pid_total", "counter", "heartbeats of an unmonitored pid"),
-    ("malformed", "malformed_total", "counter", "datagrams that are no heartbeat"),
-    ("stale", "stale_total", "counter", "heartbeats outside max_age"),
-    ("kernel_drops", "kernel_drops_total", "counter", "datagrams the kernel dropped"),
-    ("kill_failures", "kill_failures_total", "counter", "kills circusd refused"),
-    ("would_kill", "would_kill_total", "counter", "kills skipped by --dry-run"),
-    ("kills_held", "kills_held_total", "counter", "kills held by the storm guard"),
-    ("stalls", "stalls_total", "counter", "ticks that ran late: no kill on them"),
-    ("resyncs", "resyncs_total", "counter", "pid lists re-read from circusd"),
-    ("monitored_pids", "monitored_pids", "gauge", "pids being watched"),
-    ("connected", "circusd_connected", "gauge", "1 while circusd answers"),
-)
+PREFIX = "circus_watchdog_"
+
+# Why a diagnostic capture (diagnostic_signal) failed; each is exposed from the
+# first scrape so that increase() sees the first failure.
+CAPTURE_FAILURE_REASONS = ("timeout", "error", "skipped")
 
 
 @dataclass
 class Metrics:
-    """Every counter the watchdog keeps; the engine is the only writer."""
+    """Every counter the watchdog keeps; the engine's parts add to them."""
 
     datagrams: int = 0
     heartbeats: int = 0
     unknown: int = 0
     malformed: int = 0
     stale: int = 0
-    kernel_drops: int = 0
     kill_failures: int = 0
     would_kill: int = 0
     kills_held: int = 0
     stalls: int = 0
     resyncs: int = 0
-    monitored_pids: int = 0
-    connected: int = 0
+    captures: int = 0
     kills: Counter[str] = field(default_factory=Counter)
-    info: dict[str, str] = field(default_factory=dict)
+    capture_failures: Counter[str] = field(default_factory=Counter)
 
     def count_drain(self, counts: DrainCounts) -> None:
         """Add one drain's counts."""
@@ -63,50 +70,151 @@ class Metrics:
         self.malformed += counts.malformed
         self.stale += counts.stale
 
-    def render(self) -> str:
-        """The Prometheus text exposition of every metric."""
-        lines = []
-        for attr, name, kind, text in _SERIES:
-            lines += [
-                f"# HELP circus_watchdog_{name} {text}",
-                f"# TYPE circus_watchdog_{name} {kind}",
-                f"circus_watchdog_{name} {getattr(self, attr)}",
-            ]
-        lines += [
-            "# HELP circus_watchdog_kills_total processes killed, by watcher",
-            "# TYPE circus_watchdog_kills_total counter",
-        ]
-        lines += [
-            f'circus_watchdog_kills_total{{watcher="{_label(w)}"}} {n}'
-            for w, n in sorted(self.kills.items())
-        ]
-        if self.info:
-            labels = ",".join(
-                f'{k}="{_label(v)}"' for k, v in sorted(self.info.items())
+
+class Readings(NamedTuple):
+    """State owned by other parts, read when Prometheus scrapes."""
+
+    monitored_pids: int
+    connected: bool
+    watchers: tuple[str, ...]  # monitored watchers: kills_total is 0 for each
+    excluded_pids: int
+    kernel_drops: int
+    control_truncated: int
+
+
+# (Metrics attribute, name without prefix and _total, help)
+_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("datagrams", "datagrams", "datagrams received (UDP and Unix socket)"),
+    ("heartbeats", "heartbeats", "heartbeats of a monitored pid"),
+    ("unknown", "unknown_pid", "heartbeats of a pid that is not monitored"),
+    ("malformed", "malformed", "datagrams that are no heartbeat"),
+    ("stale", "stale", "heartbeats outside max_age"),
+    ("kill_failures", "kill_failures", "kills circusd refused or did not carry out"),
+    ("would_kill", "would_kill", "kills skipped by dry_run"),
+    ("kills_held", "kills_held", "kills held by the storm guard"),
+    ("stalls", "stalls", "ticks that ran late: no kill on them"),
+    ("resyncs", "resyncs", "pid lists re-read from circusd"),
+    ("captures", "captures", "diagnostic captures taken before a kill"),
+)
+
+# (Readings attribute, name without prefix and _total, help)
+_READ_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("kernel_drops", "kernel_drops", "datagrams the kernel dropped on our sockets"),
+    ("control_truncated", "control_truncated", "datagrams with control data cut"),
+)
+_READ_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("monitored_pids", "monitored_pids", "pids being watched"),
+    ("connected", "circusd_connected", "1 while circusd answers"),
+    ("excluded_pids", "excluded_pids", "pids of matched watchers left unwatched"),
+)
+
+
+class WatchdogCollector(Collector):
+    """Builds the watchdog's metric families from `Metrics` and `Readings` at
+    each scrape."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        readings: Callable[[], Readings],
+        info: Mapping[str, str],
+    ) -> None:
+        self._metrics = metrics
+        self._readings = readings
+        self._info = dict(info)
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, with the values of this instant."""
+        metrics, now = self._metrics, self._readings()
+        for attr, name, text in _COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, text, getattr(metrics, attr))
+        for attr, name, text in _READ_COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, text, getattr(now, attr))
+        for attr, name, text in _READ_GAUGES:
+            yield GaugeMetricFamily(PREFIX + name, text, int(getattr(now, attr)))
+        yield _labelled(
+            "kills",
+            "processes killed, by watcher",
+            "watcher",
+            metrics.kills,
+            now.watchers,
+        )
+        yield _labelled(
+            "capture_failures",
+            "diagnostic captures that failed, by reason",
+            "reason",
+            metrics.capture_failures,
+            CAPTURE_FAILURE_REASONS,
+        )
+        if self._info:
+            yield InfoMetricFamily(
+                PREFIX.rstrip("_"), "version, core and event loop", self._info
             )
-            lines += [
-                "# HELP circus_watchdog_info version, core and event loop",
-                "# TYPE circus_watchdog_info gauge",
-                f"circus_watchdog_info{{{labels}}} 1",
-            ]
-        return "\n".join(lines) + "\n"
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _labelled(
+    name: str, text: str, label: str, counts: Counter[str], always: tuple[str, ...]
+) -> CounterMetricFamily:
+    """A counter by ``label``: every value in ``always`` is present, at 0 if
+    never counted."""
+    family = CounterMetricFamily(PREFIX + name, text, labels=[label])
+    for value in sorted(set(always) | set(counts)):
+        family.add_metric([value], counts[value])
+    return family
+
+
+def make_registry(
+    metrics: Metrics, readings: Callable[[], Readings], info: Mapping[str, str]
+) -> CollectorRegistry:
+    """A registry with the watchdog's metrics and prometheus_client's process,
+    platform and garbage-collector metrics."""
+    registry = CollectorRegistry()
+    registry.register(WatchdogCollector(metrics, readings, info))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 _MAX_REQUEST = 8192  # bytes of request line and headers we are willing to read
 _REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
 
 
+def _header(head: bytes, name: bytes) -> str:
+    """The value of header ``name`` (lower case) in a request head, or ''."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""
+
+
+def _respond(
+    head: bytes, registry: CollectorRegistry, status: Callable[[], Any]
+) -> tuple[str, str, bytes]:
+    """Status line, content type and body for one request head."""
+    parts = head[: head.find(b"\r\n")].split()
+    path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
+    if parts[:1] != [b"GET"]:
+        return "405 Method Not Allowed", "text/plain", b"GET only\n"
+    if path == b"/metrics":
+        encoder, ctype = choose_encoder(_header(head, b"accept"))
+        return "200 OK", ctype, encoder(registry)
+    if path == b"/status":
+        return "200 OK", "application/json", orjson.dumps(status())
+    return "404 Not Found", "text/plain", b"try /metrics or /status\n"
+
+
 async def serve_http(
     host: str,
     port: int,
-    metrics: Callable[[], str],
+    registry: CollectorRegistry,
     status: Callable[[], Any],
 ) -> asyncio.Server:
-    """Serve ``GET /metrics`` and ``GET /status`` on ``host:port``."""
+    """Serve ``GET /metrics`` and ``GET /status`` on ``host:port``.
+
+    Raises OSError naming ``metrics_port`` when the address cannot be bound.
+    """
 
     async def handle(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -115,34 +223,41 @@ async def serve_http(
             head = await asyncio.wait_for(
                 reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT
             )
-            parts = head[: head.find(b"\r\n")].split()
-            path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
-            if parts[:1] != [b"GET"]:
-                code, ctype, body = (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    b"GET only\n",
-                )
-            elif path == b"/metrics":
-                code, ctype = "200 OK", "text/plain; version=0.0.4"
-                body = metrics().encode()
-            elif path == b"/status":
-                code, ctype, body = "200 OK", "application/json", orjson.dumps(status())
-            else:
-                code, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
+            try:
+                code, ctype, body = _respond(head, registry, status)
+            except Exception:
+                logger.exception("metrics: %r failed", head[:80])
+                code, ctype, body = "500 Internal Server Error", "text/plain", b""
             writer.write(
                 f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass  # a client that sent no whole request gets nothing
-        except ConnectionError:
-            pass
+        # asyncio.TimeoutError, not the builtin: they differ on Python 3.10.
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            asyncio.TimeoutError,
+            ConnectionError,
+        ):
+            pass  # a client that sent no whole request in time gets nothing
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    return await asyncio.start_server(handle, host, port, limit=_MAX_REQUEST)
+    try:
+        return await asyncio.start_server(handle, host, port, limit=_MAX_REQUEST)
+    except OSError as exc:
+        raise _bind_error(exc, host, port) from exc
+
+
+def _bind_error(exc: OSError, host: str, port: int) -> OSError:
+    """``exc`` as one line that names the option, the host and the port."""
+    # asyncio folds the address into strerror; name the errno alone instead.
+    # A resolver error (socket.gaierror) has a negative errno of its own.
+    code = exc.errno
+    reason = os.strerror(code) if code and code > 0 else str(exc.strerror or exc)
+    text = f"metrics_port: cannot listen on {host}:{port}: {reason}"
+    return OSError(code, text) if code else OSError(text)
