@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -120,3 +121,166 @@ def test_notify_twins_agree() -> None:
         assert _core_c.notify_kind(data) == _core_py.notify_kind(data)
 
     agree()
+
+
+# -- descriptors passed with a datagram (SCM_RIGHTS) ---------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def send_with_fds(path: str, payload: bytes, fds: list[int]) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
+        tx.connect(path)  # socket.send_fds ignores its address argument
+        socket.send_fds(tx, [payload], fds)
+
+
+def test_passed_descriptors_are_closed_at_once(
+    core: ModuleType, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(os.getpid(), "me", 0.0)
+    payloads = [b"WATCHDOG=1", b"BARRIER=1", b"junk", b"READY=1\nWATCHDOG=1"]
+    with (
+        open(os.devnull, "rb") as null,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx,
+    ):
+        tx.connect(path)
+        before = open_fds()
+        heartbeats = datagrams = 0
+        for round_ in range(500):  # 500 x 8 = 4000 datagrams, 4500 descriptors
+            for i in range(8):  # below net.unix.max_dgram_qlen (10)
+                fds = [null.fileno()] * (2 if i == 0 else 1)
+                socket.send_fds(tx, [payloads[(round_ + i) % 4]], fds)
+            counts = table.drain_notify(sock, 1.0, 100)
+            heartbeats += counts.heartbeats
+            datagrams += counts.datagrams
+        after = open_fds()
+    assert datagrams == 4000
+    assert heartbeats == 2000
+    assert after == before
+    assert table.control_truncated == 0
+
+
+@pytest.mark.parametrize("method", ["drain", "drain_raw"])
+def test_heartbeat_drains_close_passed_descriptors(
+    core: ModuleType, method: str
+) -> None:
+    rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with rx, tx, open(os.devnull, "rb") as null:
+        table = core.HeartbeatTable(3.0, 0.1)
+        table.add(12, "w", 0.0)
+        before = open_fds()
+        for _ in range(200):
+            for _ in range(8):
+                socket.send_fds(tx, [b"12;1"], [null.fileno()])
+            if method == "drain":
+                assert table.drain(rx, 1.0, 100).heartbeats == 8
+            else:
+                assert len(table.drain_raw(rx, 100)[0]) == 8
+        assert open_fds() == before
+
+
+def test_barrier_client_returns_at_once(
+    core: ModuleType, notify_socket: tuple[socket.socket, str]
+) -> None:
+    # sd_notify_barrier(3): BARRIER=1 with the write end of a pipe attached;
+    # the client waits until the read end sees EOF, i.e. the receiver closed it.
+    sock, path = notify_socket
+    table = core.HeartbeatTable(3.0, 0.1)
+    r, w = os.pipe()
+    try:
+        send_with_fds(path, b"BARRIER=1", [w])
+        os.close(w)
+        w = -1
+        assert table.drain_notify(sock, 1.0, 10) == core.DrainCounts(1, 0, 0, 0)
+        readable, _, _ = select.select([r], [], [], 1.0)
+        assert readable == [r]
+        assert os.read(r, 1) == b""  # EOF: no write end is left open
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_truncated_control_data_is_counted(
+    core: ModuleType, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(os.getpid(), "me", 0.0)
+    with open(os.devnull, "rb") as null:
+        before = open_fds()
+        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 32)  # fits
+        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 200)  # does not
+        send_with_fds(path, b"WATCHDOG=1", [])
+        counts = table.drain_notify(sock, 2.0, 10)
+        assert open_fds() == before
+    # The credentials come first (unix(7)), so even a truncated datagram
+    # names its sender.
+    assert counts == core.DrainCounts(3, 3, 0, 0)
+    assert table.control_truncated == 1
+
+
+# -- notify_access=all: a sender's monitored ancestor (resolve) -----------------
+
+
+def test_drain_notify_resolve(
+    core: ModuleType, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    me = os.getpid()
+    calls: list[int] = []
+    answers = {"ancestor": 77, "none": 0, "unmonitored": 78, "bogus": 2**40}
+
+    def make(answer: str):  # type: ignore[no-untyped-def]
+        def resolve(pid: int) -> int:
+            calls.append(pid)
+            return answers[answer]
+
+        return resolve
+
+    table = core.HeartbeatTable(3.0, 0.1)
+    table.add(77, "w", 0.0)
+    send(path, b"WATCHDOG=1", b"READY=1", b"junk", b"WATCHDOG=1")
+    assert table.drain_notify(sock, 5.0, 100, make("ancestor")) == (4, 2, 0, 1, 0)
+    assert calls == [me, me]  # once per heartbeat datagram, not for READY/junk
+    assert table.last_seen(77) == 5.0
+    for answer in ("none", "unmonitored", "bogus"):
+        send(path, b"WATCHDOG=1")
+        assert table.drain_notify(sock, 6.0, 100, make(answer)) == (1, 0, 1, 0, 0)
+    assert table.last_seen(77) == 5.0
+    calls.clear()
+    table.add(me, "me", 0.0)  # a monitored sender is never resolved
+    send(path, b"WATCHDOG=1")
+    assert table.drain_notify(sock, 7.0, 100, make("ancestor")).heartbeats == 1
+    assert calls == []
+    assert table.last_seen(me) == 7.0 and table.last_seen(77) == 5.0
+
+
+def test_resolve_error_still_closes_descriptors(
+    core: ModuleType, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    table = core.HeartbeatTable(3.0, 0.1)
+
+    def broken(pid: int) -> int:
+        raise RuntimeError("resolve must not raise")
+
+    r, w = os.pipe()
+    try:
+        send(path, b"WATCHDOG=1")
+        send_with_fds(path, b"BARRIER=1", [w])
+        os.close(w)
+        w = -1
+        with pytest.raises(RuntimeError):
+            table.drain_notify(sock, 1.0, 10, broken)
+        table.drain_notify(sock, 1.0, 10)  # the pure core reads one at a time
+        assert select.select([r], [], [], 1.0)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)

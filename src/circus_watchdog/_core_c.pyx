@@ -17,14 +17,19 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport strtod
 from libc.string cimport memchr, memcmp, memcpy, memset
+from posix.unistd cimport close
 
 from ._syscalls cimport (
     AF_INET,
     AF_INET6,
     CMSG_DATA,
     CMSG_FIRSTHDR,
+    CMSG_LEN,
     CMSG_NXTHDR,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
     SCM_CREDENTIALS,
+    SCM_RIGHTS,
     SO_RXQ_OVFL,
     SOL_SOCKET,
     cmsghdr,
@@ -50,6 +55,7 @@ cdef extern from "<string.h>" nogil:
 
 import os
 
+from ._core_py import _CONTROL_SIZE as _PY_CONTROL_SIZE
 from ._core_py import MAX_DATAGRAM as _PY_MAX_DATAGRAM
 from ._core_py import PID_MAX as _PY_PID_MAX
 from ._core_py import (
@@ -67,15 +73,19 @@ cdef enum:
     BATCH = 64
     RECV_SIZE = MAX_DATAGRAM + 1  # one spare byte tells an oversized datagram
     SEND_SIZE = 48  # "2147483647;" + a %.3f timestamp fits easily
-    # Room for the control messages we ask for: SO_RXQ_OVFL, CMSG_SPACE(4) = 24,
-    # and SCM_CREDENTIALS, CMSG_SPACE(sizeof(struct ucred)) = 32, on LP64.
-    CONTROL_SIZE = 64
+    # Room for the control messages of one datagram: SO_RXQ_OVFL,
+    # CMSG_SPACE(4) = 24, SCM_CREDENTIALS, CMSG_SPACE(sizeof(struct ucred)) =
+    # 32, and SCM_RIGHTS with up to 32 descriptors, CMSG_SPACE(32 * 4) = 144,
+    # on LP64.  The kernel closes the descriptors that do not fit and sets
+    # MSG_CTRUNC (unix(7)); _core_py._CONTROL_SIZE is the same sum.
+    CONTROL_SIZE = 200
     NONE = -1
     EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
 
 cdef int32_t PID_MAX = 2147483647
 
 assert _PY_MAX_DATAGRAM == MAX_DATAGRAM and _PY_PID_MAX == PID_MAX
+assert _PY_CONTROL_SIZE == CONTROL_SIZE
 
 
 ctypedef struct Slot:
@@ -307,6 +317,8 @@ cdef class HeartbeatTable:
     cdef iovec *_iov
     cdef unsigned char *_control
     cdef uint32_t _drops
+    cdef int64_t _ctrunc  # datagrams whose control data did not fit
+    cdef bint _passed  # the last batch carried SCM_RIGHTS descriptors
     cdef int32_t _sender[BATCH]  # pid from SCM_CREDENTIALS, 0 if none
 
     def __cinit__(self, timeout, tick):
@@ -352,6 +364,8 @@ cdef class HeartbeatTable:
             self._msgs[i].msg_hdr.msg_iovlen = 1
             self._msgs[i].msg_hdr.msg_control = self._control + i * CONTROL_SIZE
         self._drops = 0
+        self._ctrunc = 0
+        self._passed = False
         self._nslots = 0
         self._free = NONE
         self._count = 0
@@ -657,17 +671,22 @@ cdef class HeartbeatTable:
 
     # -- sockets --------------------------------------------------------------
 
-    cdef int _recv(self, int fd, int want) except -2:
+    cdef int _recv(self, int fd, int want, bint keep_fds=False) except -2:
         # recvmmsg(2) without MSG_WAITFORONE/timeout: returns what is queued,
-        # up to `want`, or -1 with EAGAIN when nothing is.
+        # up to `want`, or -1 with EAGAIN when nothing is.  Descriptors a
+        # sender passed (SCM_RIGHTS) are closed before returning, or, with
+        # keep_fds, by the caller's _close_passed once it has read the batch.
+        # MSG_CMSG_CLOEXEC: none of them leaks into a child meanwhile.
         cdef int n, i
         for i in range(want):
             self._msgs[i].msg_hdr.msg_flags = 0
             self._msgs[i].msg_hdr.msg_controllen = CONTROL_SIZE
         while True:
-            n = recvmmsg(fd, self._msgs, want, MSG_DONTWAIT, NULL)
+            n = recvmmsg(fd, self._msgs, want, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL)
             if n >= 0:
                 self._note_drops(n)
+                if not keep_fds:
+                    self._close_passed(n)
                 return n
             if errno == EINTR:
                 continue
@@ -686,6 +705,8 @@ cdef class HeartbeatTable:
         cdef ucred cred
         for i in range(n):
             self._sender[i] = 0
+            if self._msgs[i].msg_hdr.msg_flags & MSG_CTRUNC:
+                self._ctrunc += 1
             if self._msgs[i].msg_hdr.msg_controllen == 0:
                 continue
             c = CMSG_FIRSTHDR(&self._msgs[i].msg_hdr)
@@ -697,6 +718,30 @@ cdef class HeartbeatTable:
                 elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_CREDENTIALS:
                     memcpy(&cred, CMSG_DATA(c), sizeof(ucred))
                     self._sender[i] = cred.pid
+                elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_RIGHTS:
+                    self._passed = True
+                c = CMSG_NXTHDR(&self._msgs[i].msg_hdr, c)
+
+    cdef void _close_passed(self, int n) noexcept nogil:
+        # Close every descriptor the last batch carried: a sender may attach
+        # any (sd_notify_barrier(3) attaches a pipe and waits for its close),
+        # and one kept is one fewer under RLIMIT_NOFILE.
+        cdef int i, fd
+        cdef size_t k, count
+        cdef cmsghdr *c
+        if not self._passed:
+            return
+        self._passed = False
+        for i in range(n):
+            if self._msgs[i].msg_hdr.msg_controllen == 0:
+                continue
+            c = CMSG_FIRSTHDR(&self._msgs[i].msg_hdr)
+            while c != NULL:
+                if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_RIGHTS:
+                    count = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
+                    for k in range(count):
+                        memcpy(&fd, CMSG_DATA(c) + k * sizeof(int), sizeof(int))
+                        close(fd)
                 c = CMSG_NXTHDR(&self._msgs[i].msg_hdr, c)
 
     @property
@@ -704,6 +749,12 @@ cdef class HeartbeatTable:
         """Datagrams the kernel dropped on the drained socket, as of the last
         datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
         return self._drops
+
+    @property
+    def control_truncated(self):
+        """Datagrams whose control data (credentials, passed descriptors) did
+        not fit the receive buffer (MSG_CTRUNC); the kernel closed the rest."""
+        return self._ctrunc
 
     def drain(self, sock, double now, int budget, double max_age=0.0,
               double wall=0.0):
@@ -758,37 +809,54 @@ cdef class HeartbeatTable:
                 break
         return DrainCounts(datagrams, heartbeats, unknown, malformed, stale)
 
-    def drain_notify(self, sock, double now, int budget):
+    def drain_notify(self, sock, double now, int budget, resolve=None):
         """Read up to ``budget`` sd_notify datagrams from a Unix socket with
-        SO_PASSCRED and apply ``WATCHDOG=1`` as a heartbeat of the sender's pid."""
+        SO_PASSCRED and apply ``WATCHDOG=1`` as a heartbeat of the sender's pid
+        (or of ``resolve(pid)`` when the sender is not in the table)."""
         cdef int fd = sock if type(sock) is int else sock.fileno()
         cdef int64_t datagrams = 0, heartbeats = 0, unknown = 0, malformed = 0
         cdef int n, i, want, kind
         cdef int32_t pid, slot
         while datagrams < budget:
             want = BATCH if budget - datagrams > BATCH else <int>(budget - datagrams)
-            n = self._recv(fd, want)
-            for i in range(n):
-                pid = self._sender[i]
-                if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC or pid <= 0:
-                    malformed += 1
-                    continue
-                kind = _notify_kind(self._rbuf + i * RECV_SIZE, self._msgs[i].msg_len)
-                if kind < 0:
-                    malformed += 1
-                    continue
-                if kind == 0:
-                    continue  # READY=1, STATUS=...: valid, not a heartbeat
-                slot = self._find(pid)
-                if slot == NONE:
-                    unknown += 1
-                    continue
-                heartbeats += 1
-                self._refresh(slot, now)
+            # The batch's descriptors stay open until it is read: a
+            # systemd-notify waits on its BARRIER=1 pipe, so it is still
+            # there for resolve to find its parent.
+            n = self._recv(fd, want, True)
+            try:
+                for i in range(n):
+                    pid = self._sender[i]
+                    if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC or pid <= 0:
+                        malformed += 1
+                        continue
+                    kind = _notify_kind(
+                        self._rbuf + i * RECV_SIZE, self._msgs[i].msg_len
+                    )
+                    if kind < 0:
+                        malformed += 1
+                        continue
+                    if kind == 0:
+                        continue  # READY=1, STATUS=...: valid, not a heartbeat
+                    slot = self._find(pid)
+                    if slot == NONE and resolve is not None:
+                        slot = self._slot_of_resolved(resolve(pid))
+                    if slot == NONE:
+                        unknown += 1
+                        continue
+                    heartbeats += 1
+                    self._refresh(slot, now)
+            finally:
+                self._close_passed(n)
             datagrams += n
             if n < want:
                 break
         return DrainCounts(datagrams, heartbeats, unknown, malformed)
+
+    cdef int32_t _slot_of_resolved(self, parent) except -2:
+        # resolve's answer: a pid of the table, or anything else for none.
+        if type(parent) is not int or not 0 < parent <= PID_MAX:
+            return NONE
+        return self._find(<int32_t>parent)
 
     def drain_raw(self, sock, int budget):
         """Read up to ``budget`` datagrams for a custom ``msg_regex``."""

@@ -14,12 +14,14 @@ table size, and a beat never touches the wheel.
 
 from __future__ import annotations
 
+import array
 import math
+import os
 import re
 import socket
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -30,11 +32,18 @@ PID_MAX = 2**31 - 1  # pid_t is a signed 32-bit int on Linux and macOS
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)  # Linux only
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+#: Passed descriptors (SCM_RIGHTS) that fit the control buffer; the kernel
+#: closes the rest and sets MSG_CTRUNC.  Each is closed as soon as it is read.
+_MAX_PASSED_FDS = 32
 _CONTROL_SIZE = (
-    socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_UCRED.size)
+    socket.CMSG_SPACE(4)
+    + socket.CMSG_SPACE(_UCRED.size)
+    + socket.CMSG_SPACE(4 * _MAX_PASSED_FDS)
     if hasattr(socket, "CMSG_SPACE")
     else 0
 )
+# Linux: close-on-exec on every received descriptor, so none leaks into a child.
+_RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 class DrainCounts(NamedTuple):
@@ -185,6 +194,7 @@ class HeartbeatTable:
         self._started = False
         self._buf = bytearray(MAX_DATAGRAM + 1)
         self._drops = 0
+        self._ctrunc = 0
         self._sender = 0
 
     @property
@@ -353,18 +363,27 @@ class HeartbeatTable:
         datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
         return self._drops
 
+    @property
+    def control_truncated(self) -> int:
+        """Datagrams whose control data (credentials, passed descriptors) did
+        not fit the receive buffer (MSG_CTRUNC); the kernel closed the rest."""
+        return self._ctrunc
+
     def _recv(self, sock: socket.socket) -> int:
         # One datagram into self._buf: its length (MAX_DATAGRAM + 1 when it
         # was longer), or -1 when nothing is queued.  Notes the kernel's drop
         # count (SO_RXQ_OVFL) and the sender's pid (SCM_CREDENTIALS, Unix
-        # sockets with SO_PASSCRED) in self._drops and self._sender.
+        # sockets with SO_PASSCRED) in self._drops and self._sender, and
+        # closes every descriptor the sender passed (SCM_RIGHTS).
         try:
             n, ancdata, flags, _ = sock.recvmsg_into(
-                [self._buf], _CONTROL_SIZE, socket.MSG_DONTWAIT
+                [self._buf], _CONTROL_SIZE, _RECV_FLAGS
             )
         except BlockingIOError:
             return -1
         self._sender = 0
+        if flags & socket.MSG_CTRUNC:
+            self._ctrunc += 1
         for level, kind, data in ancdata:
             if level != socket.SOL_SOCKET:
                 continue
@@ -373,21 +392,29 @@ class HeartbeatTable:
                 self._drops = max(self._drops, count)
             elif kind == _SCM_CREDENTIALS and len(data) >= _UCRED.size:
                 self._sender = _UCRED.unpack_from(data)[0]
+            elif kind == socket.SCM_RIGHTS:
+                _close_passed(data)
         return MAX_DATAGRAM + 1 if flags & socket.MSG_TRUNC else n
 
     def drain_notify(
-        self, sock: socket.socket | int, now: float, budget: int
+        self,
+        sock: socket.socket | int,
+        now: float,
+        budget: int,
+        resolve: Callable[[int], int] | None = None,
     ) -> DrainCounts:
         """Read up to ``budget`` sd_notify datagrams from a Unix socket with
         SO_PASSCRED and apply ``WATCHDOG=1`` as a heartbeat of the sender's pid.
 
         The pid comes from the kernel's credentials, never from the payload.
         A valid message without ``WATCHDOG=1`` (``READY=1``, ``STATUS=...``) is
-        counted only in ``datagrams``.
+        counted only in ``datagrams``.  For a sender not in the table,
+        ``resolve(pid)``, when given, names the pid to beat instead (0: none;
+        it is called once per such datagram and must not raise).
         """
         if isinstance(sock, int):
             with _borrowed(sock) as borrowed:
-                return self.drain_notify(borrowed, now, budget)
+                return self.drain_notify(borrowed, now, budget, resolve)
         index = self._index
         datagrams = heartbeats = unknown = malformed = 0
         while datagrams < budget:
@@ -403,6 +430,10 @@ class HeartbeatTable:
             if kind == 0:
                 continue
             slot = index.get(pid)
+            if slot is None and resolve is not None:
+                parent = resolve(pid)
+                if type(parent) is int and 0 < parent <= PID_MAX:
+                    slot = index.get(parent)
             if slot is None:
                 unknown += 1
                 continue
@@ -479,6 +510,18 @@ class HeartbeatTable:
             else:
                 payloads.append(bytes(buf[:n]))
         return payloads, oversized
+
+
+def _close_passed(data: bytes) -> None:
+    # The payload of one SCM_RIGHTS message: whole C ints, each a descriptor
+    # the kernel just installed in this process.
+    fds = array.array("i")
+    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 @contextmanager

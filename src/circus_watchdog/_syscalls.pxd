@@ -35,6 +35,7 @@ cdef extern from "<sys/socket.h>" nogil:
     cmsghdr *CMSG_FIRSTHDR(msghdr *msgh)
     cmsghdr *CMSG_NXTHDR(msghdr *msgh, cmsghdr *cmsg)
     unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_LEN(size_t length)
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags,
                  timespec *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
@@ -43,9 +44,12 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET6
         MSG_DONTWAIT
         MSG_TRUNC
+        MSG_CTRUNC
+        MSG_CMSG_CLOEXEC
         SOL_SOCKET
         SO_RXQ_OVFL
         SCM_CREDENTIALS
+        SCM_RIGHTS
     struct ucred:
         int pid
         unsigned int uid
