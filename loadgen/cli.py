@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import json
 import math
 import multiprocessing
 import os
+import queue
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event as EventType
 from typing import Any, TextIO
 
 from . import flood
@@ -395,106 +398,89 @@ def run_inline(plan: Plan, progress: Progress) -> list[Result]:
 
 
 def run_processes(plans: Sequence[Plan], progress: Progress) -> list[Result]:
-    """One process per plan (spawn context); start them together, collect."""
+    """One process per plan (spawn context), started together behind a barrier.
+
+    Each worker opens its socket, then waits at ``barrier`` with this process:
+    the flood starts when every socket is open (a worker that cannot open one
+    puts an error on ``results`` and breaks the barrier). ``sent[i]`` is worker
+    i's running count, ``stop`` asks them all to stop (Ctrl-C), and each puts
+    its `Result` on ``results``.
+    """
     ctx = multiprocessing.get_context("spawn")
-    counters: ctypes.Array[ctypes.c_longlong] = ctx.RawArray(
-        ctypes.c_longlong, len(plans)
-    )
+    barrier = ctx.Barrier(len(plans) + 1, timeout=flood.STARTUP_TIMEOUT)
+    stop = ctx.Event()
+    results: Queue[tuple[int, Result | str]] = ctx.Queue()
+    sent = [ctx.Value("q", 0, lock=False) for _ in plans]
     procs: list[multiprocessing.context.SpawnProcess] = []
-    conns: list[Connection] = []
     try:
-        for plan in plans:
-            parent, child = ctx.Pipe()
+        for plan, counter in zip(plans, sent, strict=True):
             proc = ctx.Process(
                 target=flood.worker_main,
-                args=(plan, child, counters),
+                args=(plan, flood.Control(barrier, stop, counter, results)),
                 name=f"loadgen-worker-{plan.index}",
                 daemon=True,
             )
-            conns.append(parent)
             proc.start()
-            child.close()
             procs.append(proc)
-        _wait_ready(conns)
-        for conn in conns:
-            conn.send("go")
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            raise RunError(_start_failure(results, len(plans))) from None
         progress.restart()
-        return _collect(plans, conns, counters, progress)
+        return _collect(plans, procs, sent, stop, results, progress)
     finally:
-        for conn in conns:
-            conn.close()
+        stop.set()
         for proc in procs:
             proc.join(timeout=2.0)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=2.0)
             proc.close()
+        results.close()
+        results.join_thread()
 
 
-def _wait_ready(conns: Sequence[Connection]) -> None:
-    deadline = time.monotonic() + flood.STARTUP_TIMEOUT
-    pending = set(range(len(conns)))
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RunError(f"{len(pending)} worker(s) did not start in time")
-        ready = wait([conns[i] for i in pending], timeout=left)
-        for i in list(pending):
-            if conns[i] not in ready:
-                continue
-            try:
-                kind, detail = conns[i].recv()
-            except EOFError:
-                raise RunError(f"worker {i} exited before starting") from None
-            if kind == "error":
-                raise RunError(f"cannot open a socket to --target: {detail}")
-            pending.discard(i)
+def _start_failure(results: Queue[tuple[int, Result | str]], workers: int) -> str:
+    """Why the start barrier broke: a worker's error, or the start timeout."""
+    try:
+        _, detail = results.get(timeout=1.0)
+    except queue.Empty:
+        return f"the {workers} workers did not all start in time"
+    if isinstance(detail, str):
+        return f"cannot open a socket to --target: {detail}"
+    return "a worker did not start"
 
 
 def _collect(
     plans: Sequence[Plan],
-    conns: Sequence[Connection],
-    counters: ctypes.Array[ctypes.c_longlong],
+    procs: Sequence[multiprocessing.context.SpawnProcess],
+    sent: Sequence[Synchronized[int]],
+    stop: EventType,
+    results: Queue[tuple[int, Result | str]],
     progress: Progress,
 ) -> list[Result]:
-    results: dict[int, Result] = {}
+    done: dict[int, Result] = {}
     deadline = time.monotonic() + plans[0].duration + RESULT_GRACE
-    stopping = False
-    while len(results) < len(plans):
+    while len(done) < len(plans) and time.monotonic() < deadline:
         try:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready = wait(
-                [c for i, c in enumerate(conns) if i not in results],
-                timeout=min(REPORT_EVERY, left),
-            )
-            for i, conn in enumerate(conns):
-                if i in results or conn not in ready:
-                    continue
-                try:
-                    kind, detail = conn.recv()
-                except EOFError:
-                    results[i] = Result(worker=i, error="worker died")
-                    continue
-                if kind == "result":
-                    results[i] = detail
-            progress.update(sum(counters))
+            index, result = results.get(timeout=REPORT_EVERY)
+        except queue.Empty:
+            # A worker that exited without a result died (its queue is flushed
+            # before it exits, so a result it put is already readable).
+            for i, proc in enumerate(procs):
+                if i not in done and proc.exitcode is not None and results.empty():
+                    done[i] = Result(worker=i, error="worker died")
         except KeyboardInterrupt:
-            if stopping:
+            if stop.is_set():
                 raise
-            stopping = True
-            for i, conn in enumerate(conns):
-                if i not in results:
-                    try:
-                        conn.send("stop")
-                    except OSError:
-                        pass
+            stop.set()
             deadline = min(deadline, time.monotonic() + RESULT_GRACE)
-    for i in range(len(plans)):
-        if i not in results:
-            results[i] = Result(worker=i, error="no result in time")
-    return [results[i] for i in range(len(plans))]
+        else:
+            if isinstance(result, Result):
+                done[index] = result
+        progress.update(sum(counter.value for counter in sent))
+    late = "no result in time"
+    return [done.get(i) or Result(worker=i, error=late) for i in range(len(plans))]
 
 
 def summary(

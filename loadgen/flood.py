@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from multiprocessing.connection import Connection
+from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Barrier as BarrierType
+from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 from circus_watchdog.core import send_datagrams, send_heartbeats
@@ -241,30 +244,37 @@ def split(total: int, parts: int) -> list[int]:
 STARTUP_TIMEOUT = 30.0  # seconds a worker waits for "go" before giving up
 
 
-def worker_main(
-    plan: Plan, conn: Connection, counters: ctypes.Array[ctypes.c_longlong]
-) -> None:
-    """Entry point of a worker process: open, report ready, wait for go, run."""
-    # The parent turns Ctrl-C into a "stop" message, so workers report a
-    # partial result instead of a traceback.
+@dataclass(frozen=True)
+class Control:
+    """How a worker process and the parent talk (multiprocessing primitives)."""
+
+    barrier: BarrierType  # every worker and the parent: the flood starts together
+    stop: EventType  # set by the parent: stop now and report
+    sent: Synchronized[int]  # this worker's running count, for the progress line
+    results: Queue[tuple[int, Result | str]]  # (index, Result or error message)
+
+
+def worker_main(plan: Plan, control: Control) -> None:
+    """Entry point of a worker process: open, meet the others, run, report."""
+    # The parent turns Ctrl-C into `stop`, so workers report a partial result
+    # instead of a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        sock = open_socket(plan)
+    except Exception as exc:  # any failure here must break the barrier at once
+        control.results.put((plan.index, f"worker {plan.index}: {exc}"))
+        control.barrier.abort()
+        return
+    with sock:
         try:
-            sock = open_socket(plan)
-        except OSError as exc:
-            conn.send(("error", f"worker {plan.index}: {exc}"))
+            control.barrier.wait()
+        except threading.BrokenBarrierError:
             return
-        with sock:
-            conn.send(("ready", None))
-            if not conn.poll(STARTUP_TIMEOUT) or conn.recv() != "go":
-                return
 
-            def progress(sent: int) -> bool:
-                counters[plan.index] = sent
-                return conn.poll()  # any message from the parent means stop
+        def progress(sent: int) -> bool:
+            control.sent.value = sent
+            return control.stop.is_set()
 
-            result = run(plan, sock, progress)
-            counters[plan.index] = result.sent
-            conn.send(("result", result))
-    finally:
-        conn.close()
+        result = run(plan, sock, progress)
+        control.sent.value = result.sent
+        control.results.put((plan.index, result))

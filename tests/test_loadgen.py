@@ -160,6 +160,31 @@ def test_workers_split_count_exactly(
     assert receiver.drops() in (0, None)
 
 
+def test_worker_that_cannot_open_its_socket_fails_the_start() -> None:
+    # An IPv6 address on an IPv4 socket: connect() fails in every worker, the
+    # start barrier breaks, and the run ends at once with the worker's error.
+    from loadgen.cli import Progress, RunError, run_processes
+
+    plan = flood.Plan(
+        index=0,
+        family=socket.AF_INET,
+        sockaddr=("::1", 9),
+        pids=(1000,),
+        rate=None,
+        count=10,
+        duration=5.0,
+        malformed=0.0,
+        unknown=0.0,
+        sndbuf=65536,
+        seed=0,
+    )
+    plans = [plan, flood.Plan(**{**plan.__dict__, "index": 1})]
+    start = time.monotonic()
+    with pytest.raises(RunError, match="cannot open a socket to --target: worker"):
+        run_processes(plans, Progress(io.StringIO(), False, 10, 5.0))
+    assert time.monotonic() - start < flood.STARTUP_TIMEOUT
+
+
 def test_rate_is_honoured(
     receiver: Receiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
