@@ -4,7 +4,9 @@
 
 Each input is split into datagrams; both cores parse them and drain them from
 real (socketpair) sockets, and must agree with each other, never raise, and
-never change the table for anything but a known pid.
+never change the table for anything but a known pid.  Datagrams carry 0 to 47
+passed descriptors (SCM_RIGHTS; more than 38 truncate the control data): both
+cores must close every one and count the same truncations.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 
 PAIRS = [_pair() for _ in CORES]
+PASSED = os.open(os.devnull, os.O_RDONLY)  # the descriptor every sender attaches
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def one_input(data: bytes) -> None:
@@ -47,12 +54,14 @@ def one_input(data: bytes) -> None:
             table = core.HeartbeatTable(3.0, 0.5)
             for pid in (*KNOWN, os.getpid()):
                 table.add(pid, "w", 0.0)
-            for payload in datagrams:
-                tx.send(payload)
+            before = _open_fds()
+            for i, payload in enumerate(datagrams):
+                socket.send_fds(tx, [payload], [PASSED] * ((len(payload) * 5 + i) % 48))
             counts = getattr(table, method)(rx, 1.0, 100)
             state = sorted((p, table.last_seen(p)) for p in table.pids())
-            outcomes.append((tuple(counts), state))
+            outcomes.append((tuple(counts), state, table.control_truncated))
             assert counts.datagrams == len(datagrams)
+            assert _open_fds() == before, (core.__name__, datagrams)
             assert len(table) == len(KNOWN) + 1
         assert outcomes[0] == outcomes[1], (datagrams, outcomes)
 
