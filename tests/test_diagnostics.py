@@ -31,6 +31,7 @@ from circus_watchdog.diagnostics import (
     kill_line,
     read_stat,
 )
+from circus_watchdog.metrics import Metrics
 from support import run, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -257,7 +258,11 @@ def test_capture_gets_pid_and_watcher(loop_factory):  # type: ignore[no-untyped-
     capture = run(loop_factory, r.run(4242, "web app"))
     assert capture.outcome == "made", capture.detail
     assert capture.output == b"['4242', 'web app']\n"
-    assert (r.made, r.running, sum(r.failed.values())) == (1, 0, 0)
+    assert (r.counts.captures, r.running, sum(r.counts.capture_failures.values())) == (
+        1,
+        0,
+        0,
+    )
 
 
 def test_capture_timeout_ends_the_whole_group(loop_factory, tmp_path):  # type: ignore[no-untyped-def]
@@ -275,7 +280,7 @@ def test_capture_timeout_ends_the_whole_group(loop_factory, tmp_path):  # type: 
     assert capture.outcome == "timeout"
     assert capture.output == b"started\n"
     assert took < 1.0 + diagnostics.REAP_WAIT + 1.0
-    assert r.failed["timeout"] == 1
+    assert r.counts.capture_failures == {"timeout": 1}
     children = [int(p) for p in pids.read_text().split()]
     assert len(children) == 2
     for pid in children:
@@ -297,7 +302,7 @@ def test_missing_program_is_one_warning(loop_factory, caplog):  # type: ignore[n
         capture = run(loop_factory, r.run(7, "w"))
     assert capture.outcome == "error"
     assert "cannot run 'no-such-debugger-here'" in capture.detail
-    assert r.failed == {"error": 1}
+    assert r.counts.capture_failures == {"error": 1}
     assert len(caplog.records) == 1 and "pid 7" in caplog.records[0].getMessage()
 
 
@@ -321,7 +326,7 @@ def test_concurrency_limit_skips_the_rest(loop_factory, tmp_path):  # type: igno
 
     outcomes = run(loop_factory, burst())
     assert sorted(outcomes) == ["made", "made", "skipped", "skipped", "skipped"]
-    assert r.failed == {"skipped": 3} and r.made == 2
+    assert r.counts.capture_failures == {"skipped": 3} and r.counts.captures == 2
     depth = peak = 0
     for line in log.read_text().split():
         depth += 1 if line == "start" else -1
@@ -391,7 +396,8 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
         },
         endpoint="tcp://127.0.0.1:5555",
     )
-    diag = Diagnostics(config)
+    metrics = Metrics()
+    diag = Diagnostics(config, metrics)
     diag.tick(FakeTable({pid: time.monotonic()}), time.monotonic())
     report = run(
         loop_factory,
@@ -405,5 +411,4 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
     assert text.endswith(f"stack of web {pid}\n")
     diag.record(pid, "web", report, "killed")
     assert diag.recent_kills()[0]["capture"] == report.capture
-    assert diag.captures_made == 1
-    assert diag.captures_failed == {"timeout": 0, "error": 0, "skipped": 0}
+    assert (metrics.captures, metrics.capture_failures) == (1, {})

@@ -52,7 +52,6 @@ MIN_VISITS = 1024  # pids the sampler may visit per tick, whatever the fleet siz
 MAX_VISITS = 10_000  # ... and at most, so a huge fleet cannot stretch a tick
 REAP_WAIT = 1.0  # seconds to wait for a killed capture to be reaped
 _READ_CHUNK = 64 * 1024
-CAPTURE_FAILURES = ("timeout", "error", "skipped")
 
 try:
     _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -304,6 +303,23 @@ def expand(command: Sequence[str], pid: int, watcher: str) -> list[str]:
     return [re.sub(r"\{(pid|watcher)\}", lambda m: values[m[1]], a) for a in command]
 
 
+class CaptureCounts(Protocol):
+    """Where captures are counted (``metrics.Metrics`` is one)."""
+
+    captures: int  # ran to a zero exit
+    capture_failures: collections.Counter[str]  # by reason: timeout, error, skipped
+
+
+@dataclass
+class Counts:
+    """A ``CaptureCounts`` of its own, for a runner used without metrics."""
+
+    captures: int = 0
+    capture_failures: collections.Counter[str] = field(
+        default_factory=collections.Counter
+    )
+
+
 @dataclass
 class Capture:
     """The outcome of one run of ``diagnostic_command``."""
@@ -325,14 +341,14 @@ class CaptureRunner:
         timeout: float = 10.0,
         concurrency: int = 2,
         cap: int = OUTPUT_CAP,
+        counts: CaptureCounts | None = None,
     ) -> None:
         self.command = tuple(command)
         self.timeout = timeout
         self.concurrency = concurrency
         self.cap = cap
         self.running = 0
-        self.made = 0
-        self.failed: collections.Counter[str] = collections.Counter()
+        self.counts: CaptureCounts = Counts() if counts is None else counts
 
     async def run(self, pid: int, watcher: str) -> Capture:
         """Capture ``pid``; never raises (but CancelledError), never runs over."""
@@ -351,11 +367,11 @@ class CaptureRunner:
             self.running -= 1
         if capture.outcome != "made":
             return self._failed(capture, capture.detail, watcher, pid)
-        self.made += 1
+        self.counts.captures += 1
         return capture
 
     def _failed(self, capture: Capture, why: str, watcher: str, pid: int) -> Capture:
-        self.failed[capture.outcome] += 1
+        self.counts.capture_failures[capture.outcome] += 1
         capture.detail = why
         tail = capture.output[-200:].decode("utf-8", "replace").strip()
         logger.warning(
@@ -563,7 +579,9 @@ class KillReport:
 class Diagnostics:
     """Snapshot, capture and record of every kill; the killer's one entry point."""
 
-    def __init__(self, config: Config, *, proc: str = PROC) -> None:
+    def __init__(
+        self, config: Config, counts: CaptureCounts | None = None, proc: str = PROC
+    ) -> None:
         self.local = os.path.isdir(proc) and is_local(config.endpoint)
         self.proc = proc
         self.sampler = CpuSampler(config.timeout, config.tick, proc)
@@ -572,6 +590,7 @@ class Diagnostics:
                 config.diagnostic_command,
                 timeout=config.diagnostic_timeout,
                 concurrency=config.diagnostic_concurrency,
+                counts=counts,
             )
             if config.diagnostic_command is not None and self.local
             else None
@@ -588,17 +607,6 @@ class Diagnostics:
                 "are not ours to inspect, so no snapshot and no capture",
                 config.endpoint,
             )
-
-    @property
-    def captures_made(self) -> int:
-        """Captures that ran to a zero exit."""
-        return 0 if self.runner is None else self.runner.made
-
-    @property
-    def captures_failed(self) -> dict[str, int]:
-        """Captures that failed, by reason: timeout, error, skipped."""
-        failed = {} if self.runner is None else dict(self.runner.failed)
-        return {reason: failed.get(reason, 0) for reason in CAPTURE_FAILURES}
 
     def tick(self, table: _Table, now: float) -> None:
         """Refresh a slice of the CPU baselines (call once per tick)."""
