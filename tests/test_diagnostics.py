@@ -240,12 +240,13 @@ def runner(argv: list[str], **kw: float) -> CaptureRunner:
 
 
 def test_expand_substitutes_without_a_shell():  # type: ignore[no-untyped-def]
-    argv = ["x", "--pid={pid}", "{watcher}", "{pid}{pid}", "{other}", "$(id)"]
+    argv = ["x", "--pid={pid}", "{watcher}", "{pid}{pid}", "{{}}", "{other}", "$(id)"]
     assert expand(argv, 42, "w {pid}") == [
         "x",
         "--pid=42",
         "w {pid}",
         "4242",
+        "{}",
         "{other}",
         "$(id)",
     ]

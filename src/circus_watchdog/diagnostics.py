@@ -298,9 +298,15 @@ def is_local(endpoint: str) -> bool:
 
 
 def expand(command: Sequence[str], pid: int, watcher: str) -> list[str]:
-    """``command`` with ``{pid}`` and ``{watcher}`` replaced in each argument."""
-    values = {"pid": str(pid), "watcher": watcher}
-    return [re.sub(r"\{(pid|watcher)\}", lambda m: values[m[1]], a) for a in command]
+    """``command`` with ``{pid}`` and ``{watcher}`` replaced in each argument
+    (``str.format`` rules, as config checks them: ``{{`` is a literal brace)."""
+    out = []
+    for word in command:
+        try:
+            out.append(word.format(pid=pid, watcher=watcher))
+        except (ValueError, KeyError, IndexError, AttributeError):
+            out.append(word)  # config refuses these; keep the word as written
+    return out
 
 
 class CaptureCounts(Protocol):
