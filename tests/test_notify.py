@@ -213,15 +213,17 @@ def test_truncated_control_data_is_counted(
     table.add(os.getpid(), "me", 0.0)
     with open(os.devnull, "rb") as null:
         before = open_fds()
-        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 32)  # fits
-        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 200)  # does not
+        # Room for the credentials and 38 descriptors (docs/security.md).
+        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 38)  # fits
+        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 39)  # does not
+        send_with_fds(path, b"WATCHDOG=1", [null.fileno()] * 250)
         send_with_fds(path, b"WATCHDOG=1", [])
         counts = table.drain_notify(sock, 2.0, 10)
         assert open_fds() == before
     # The credentials come first (unix(7)), so even a truncated datagram
     # names its sender.
-    assert counts == core.DrainCounts(3, 3, 0, 0)
-    assert table.control_truncated == 1
+    assert counts == core.DrainCounts(4, 4, 0, 0)
+    assert table.control_truncated == 2
 
 
 # -- notify_access=all: a sender's monitored ancestor (resolve) -----------------
