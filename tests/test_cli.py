@@ -1,5 +1,5 @@
-"""Standalone mode: the ``circus-watchdog`` command beside a real circusd, and
-``circus-watchdog demo``.
+"""Standalone mode: the ``circus-watchdog`` command beside a real circusd (the
+demo is in test_demo.py).
 
 Each test picks the core through CIRCUS_WATCHDOG_NO_EXTENSIONS in the
 environment of the command, and checks it in ``--version`` or ``/status``.
@@ -12,18 +12,14 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from circus_watchdog import __version__
 from support import (
-    NO_EXTENSIONS,
     Circusd,
     Standalone,
     check_kill_latency,
@@ -31,7 +27,6 @@ from support import (
     free_udp_port,
     kills,
     metric,
-    process_gone,
     wait_for,
     wait_pids,
     worker_cmd,
@@ -41,7 +36,6 @@ LOOP_RATE = 0.5  # seconds
 MAX_COUNT = 2
 TIMEOUT = LOOP_RATE * MAX_COUNT
 TICK = LOOP_RATE / 10  # the default tick
-EXIT_BOUND = 5.0  # seconds to exit after a signal
 
 Start = Callable[..., Circusd]
 
@@ -305,84 +299,3 @@ numprocesses = 1
     assert circusd.pids("hang") == pids["hang"]
     assert circusd.pids("web") == pids["web"]
     assert watchdog.stop(signal.SIGTERM) == 0
-
-
-# -- the demo ---------------------------------------------------------------
-
-
-@dataclass
-class Demo:
-    """One ``circus-watchdog demo`` run and every process it was seen to start."""
-
-    core: str
-    proc: subprocess.Popen[bytes]
-    seen: set[psutil.Process]
-
-
-@pytest.mark.circusd
-def test_demo(request: pytest.FixtureRequest) -> None:
-    """``circus-watchdog demo --duration 15 --plain`` kills at least one hung
-    process, and leaves no process nor temporary folder behind.
-
-    One demo per core, side by side: a run takes the whole 15 s.
-    """
-    cores = ["c", "py"] if request.config.getoption("--c-extensions") else ["py"]
-    demos: list[Demo] = []
-    for core in cores:
-        env = {k: v for k, v in os.environ.items() if k != NO_EXTENSIONS}
-        if core == "py":
-            env[NO_EXTENSIONS] = "1"
-        proc = subprocess.Popen(
-            [*command(), "demo", "--duration", "15", "--plain"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        demos.append(Demo(core, proc, set()))
-    done = threading.Event()
-
-    def spy() -> None:
-        # Every process the demos start (circusd, its plugin, the fleet).
-        while not done.is_set():
-            for demo in demos:
-                try:
-                    demo.seen.update(psutil.Process(demo.proc.pid).children(True))
-                except psutil.NoSuchProcess:
-                    pass
-            done.wait(0.2)
-
-    spy_thread = threading.Thread(target=spy, daemon=True)
-    spy_thread.start()
-    outputs = []
-    try:
-        for demo in demos:
-            out, _ = demo.proc.communicate(timeout=60)
-            outputs.append(out.decode(errors="replace"))
-    finally:
-        done.set()
-        spy_thread.join(5)
-        for demo in demos:
-            if demo.proc.poll() is None:
-                demo.proc.kill()
-                demo.proc.wait()
-        seen = [p for demo in demos for p in demo.seen]
-        try:
-            wait_for(lambda: all(process_gone(p.pid) for p in seen), EXIT_BOUND)
-            leftovers = []
-        except AssertionError:
-            leftovers = [p for p in seen if not process_gone(p.pid)]
-            for p in leftovers:
-                p.kill()
-    for demo, text in zip(demos, outputs, strict=True):
-        assert demo.proc.returncode == 0, text
-        # circusd, the plugin, 3 steady, 3 flaky and 2 unmonitored workers.
-        assert len(demo.seen) >= 10, text
-        assert f" core={demo.core} " in text
-        match = re.search(r"^demo summary: (\d+) kill\(s\) ", text, re.MULTILINE)
-        assert match, text
-        assert int(match[1]) >= 1, text
-        folder = re.search(r"^circusd started .* in (\S+);", text, re.MULTILINE)
-        assert folder, text
-        assert not os.path.exists(folder[1])
-    assert not leftovers

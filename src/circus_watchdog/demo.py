@@ -85,15 +85,29 @@ def fetch_status(metrics_port: int) -> dict[str, Any] | None:
         return None
 
 
+def kill_counts(status: dict[str, Any]) -> list[str]:
+    """``watcher: kills`` for every monitored or killed watcher, by name."""
+    kills: dict[str, int] = status["kills"]
+    watchers = {row["watcher"] for row in status["pids"]} | set(kills)
+    return [f"{name}: {kills.get(name, 0)}" for name in sorted(watchers)]
+
+
 def render(
-    status: dict[str, Any], rate: float, elapsed: float, unmonitored: Any
+    status: dict[str, Any],
+    rate: float,
+    elapsed: float,
+    unmonitored: list[int] | None,
+    metrics_port: int,
 ) -> str:
-    """One screen of the live view."""
+    """One screen of the live view: the stop hint and the metrics URL on top."""
     kills = status["kills"]
+    url = f"http://127.0.0.1:{metrics_port}"
     lines = [
         f"circus-watchdog demo  {elapsed:5.0f}s   {status['version']}",
+        f"Ctrl-C to stop   metrics {url}/metrics  (and /status)",
         f"timeout {status['timeout']:g}s   heartbeats/s {rate:8.0f}   "
-        f"kills {sum(kills.values())} {kills}",
+        f"kills {sum(kills.values())}",
+        *(f"  {line}" for line in kill_counts(status)),
         "",
         f"{'watcher':<12} {'pid':>8} {'last heartbeat':>16}",
     ]
@@ -103,8 +117,30 @@ def render(
         lines.append(f"{row['watcher']:<12} {row['pid']:>8} {age:>14.1f}s{mark}")
     for pid in status["killing"]:
         lines.append(f"{'(killing)':<12} {pid:>8}")
-    lines.append(f"{'unmonitored':<12} {unmonitored}  (not matched: never killed)")
+    pids = "?" if unmonitored is None else " ".join(map(str, sorted(unmonitored)))
+    lines.append(f"{'unmonitored':<12} {pids}  (not matched: never killed)")
     return "\n".join(lines)
+
+
+def summary(status: dict[str, Any]) -> str:
+    """The line printed when the demo ends."""
+    kills = status["kills"]
+    return (
+        f"demo summary: {sum(kills.values())} kill(s) "
+        f"({', '.join(kill_counts(status))}), "
+        f"{status['heartbeats']} heartbeats, {status['would_kill']} dry-run, "
+        f"{status['kills_held']} held"
+    )
+
+
+def list_pids(client: CircusClient, watcher: str) -> list[int] | None:
+    """The pids circusd runs for ``watcher``; None if it did not answer."""
+    try:
+        reply = client.call({"command": "list", "properties": {"name": watcher}})
+    except Exception:  # noqa: BLE001 - the view must not die on a hiccup
+        return None
+    pids = reply.get("pids") if isinstance(reply, dict) else None
+    return [int(pid) for pid in pids] if isinstance(pids, list) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,13 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             status = fetch_status(metrics_port) or status
             rate = (status["heartbeats"] - last_beats) / (now - last_t)
             last_beats, last_t = status["heartbeats"], now
-            try:
-                unmonitored = client.call(
-                    {"command": "list", "properties": {"name": "unmonitored"}}
-                ).get("pids")
-            except Exception:  # noqa: BLE001 - the view must not die on a hiccup
-                unmonitored = "?"
-            screen = render(status, rate, now - started, unmonitored)
+            unmonitored = list_pids(client, "unmonitored")
+            screen = render(status, rate, now - started, unmonitored, metrics_port)
             if live:
                 print("\x1b[H\x1b[2J" + screen, flush=True)
             elif now - printed >= 2:
@@ -173,10 +204,5 @@ def main(argv: list[str] | None = None) -> int:
         log.close()
         shutil.rmtree(folder, ignore_errors=True)
     if status is not None:
-        kills = status["kills"]
-        print(
-            f"demo summary: {sum(kills.values())} kill(s) {kills}, "
-            f"{status['heartbeats']} heartbeats, {status['would_kill']} dry-run, "
-            f"{status['kills_held']} held"
-        )
+        print(summary(status))
     return 0
