@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from circus.plugins import CircusPlugin
 
-from . import engine
+from . import logs, runner
 from .config import Config, ConfigError
 
 logger = logging.getLogger("circus.watchdog")
+
+REPEAT_EVERY = 60  # seconds between repeats of a start-up error
+PARENT_CHECK = 1.0  # seconds between checks that circusd is still there
 
 
 class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
@@ -61,30 +67,84 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
             endpoint, pubsub_endpoint, check_delay, ssh_server=ssh_server, **config
         )
         self.loop.close()  # circus made a tornado loop; the engine runs its own
-        if ssh_server:
-            raise ConfigError("ssh_server: circus-watchdog does not tunnel over ssh")
-        self.watchdog_config = Config.from_options(
-            config, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
-        )
+        self._stopped = threading.Event()
         self._stop: Callable[[], None] | None = None
+        # A bad option is reported by start(), where circusd's log is reached:
+        # circus runs this constructor outside any handler, so an exception here
+        # would only reach the plugin's stderr, which circus discards.
+        self.watchdog_config: Config | None = None
+        self.error: str | None = None
+        try:
+            if ssh_server:
+                raise ConfigError(
+                    "ssh_server: circus-watchdog does not tunnel over ssh"
+                )
+            self.watchdog_config = Config.from_options(
+                config, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
+            )
+        except ConfigError as exc:
+            self.error = str(exc)
 
     def start(self) -> None:
-        """Run the watchdog until SIGTERM, stop(), or circusd's exit."""
-        logger.setLevel(self.watchdog_config.log_level.upper())
+        """Run the watchdog until SIGTERM, stop(), or circusd's exit.
+
+        If it cannot start (a bad option, a port taken) it says so in circusd's
+        log and stays up doing nothing, repeating the error every
+        ``REPEAT_EVERY`` seconds: a plugin that exits is respawned by circusd at
+        once, and its error would scroll by unseen.
+        """
         self.running = True
         try:
-            engine.run(
-                self.watchdog_config,
-                parent_pid=os.getppid(),  # circusd: when it dies, so do we
-                stop_setter=self._set_stopper,
-            )
+            config = self._configure_logging()
+            if config is None:
+                return
+            try:
+                runner.run(
+                    config,
+                    parent_pid=os.getppid(),  # circusd: when it dies, so do we
+                    stop_setter=self._set_stopper,
+                )
+            except OSError as exc:
+                self._idle(str(exc))
         finally:
             self.running = False
+
+    def _configure_logging(self) -> Config | None:
+        if self.watchdog_config is not None:
+            try:
+                logs.configure(self.watchdog_config, plugin=True)
+                return self.watchdog_config
+            except ConfigError as exc:
+                self.error = str(exc)
+        logs.configure_plugin_default()
+        self._idle(self.error or "no configuration")
+        return None
+
+    def _idle(self, error: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # circus stops a plugin with SIGTERM (an event loop that ran may
+            # have left a handler of its own behind).
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: self._stopped.set())
+        parent = os.getppid()
+        next_report = 0.0
+        while not self._stopped.is_set() and os.getppid() == parent:
+            now = time.monotonic()
+            if now >= next_report:
+                logger.error(
+                    "circus-watchdog cannot start: %s; nothing is watched "
+                    "(repeated every %d s until the plugin is fixed and restarted)",
+                    error,
+                    REPEAT_EVERY,
+                )
+                next_report = now + REPEAT_EVERY
+            self._stopped.wait(PARENT_CHECK)
 
     def _set_stopper(self, stop: Callable[[], None]) -> None:
         self._stop = stop
 
     def stop(self) -> None:
         """Ask a running watchdog to stop (thread-safe)."""
+        self._stopped.set()
         if self._stop is not None:
             self._stop()
