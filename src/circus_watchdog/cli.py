@@ -8,7 +8,7 @@ import sys
 
 from circus.util import configure_logger
 
-from . import engine
+from . import runner
 from .config import Config, ConfigError, add_arguments
 
 logger = logging.getLogger("circus.watchdog")
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs beside circusd; exits 0 on SIGINT or SIGTERM.",
         epilog="circus-watchdog demo [--duration S]: a live demo on a real circusd",
     )
-    parser.add_argument("--version", action="version", version=engine.describe())
+    parser.add_argument("--version", action="version", version=runner.describe())
     add_arguments(parser)
     return parser
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))  # exits 2 with the message naming the option
     configure_logger(logging.getLogger(), config.log_level, config.log_output)
     try:
-        engine.run(config)
+        runner.run(config)
     except OSError as exc:
         logger.error("%s", exc)
         return 1

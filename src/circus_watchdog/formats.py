@@ -9,12 +9,12 @@ counted as malformed instead of raising.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
 from ._core import DrainCounts, HeartbeatTable
-
-PID_MAX = 2**31 - 1
+from .pids import PID_MAX
 
 
 def pid_of(text: str) -> int | None:
@@ -30,9 +30,16 @@ def apply_regex(
     table: HeartbeatTable,
     payloads: Iterable[bytes],
     now: float,
+    max_age: float = 0.0,
+    wall: float = 0.0,
 ) -> DrainCounts:
-    """Match each payload and apply its heartbeat; counts like ``drain``."""
-    datagrams = heartbeats = unknown = malformed = 0
+    """Match each payload and apply its heartbeat; counts like ``drain``.
+
+    With ``max_age`` > 0 the pattern's ``timestamp`` group is checked as the
+    core checks the default format's: not a number, or more than ``max_age``
+    seconds away from ``wall``, is stale (counted, not applied).
+    """
+    datagrams = heartbeats = unknown = malformed = stale = 0
     for payload in payloads:
         datagrams += 1
         try:
@@ -42,8 +49,18 @@ def apply_regex(
         pid = pid_of(match.group("pid") or "") if match else None
         if pid is None:
             malformed += 1
+        elif max_age > 0 and not _fresh(match, max_age, wall):
+            stale += 1
         elif table.beat(pid, now):
             heartbeats += 1
         else:
             unknown += 1
-    return DrainCounts(datagrams, heartbeats, unknown, malformed)
+    return DrainCounts(datagrams, heartbeats, unknown, malformed, stale)
+
+
+def _fresh(match: re.Match[str] | None, max_age: float, wall: float) -> bool:
+    try:
+        stamp = float(match.group("timestamp") or "") if match else math.nan
+    except (IndexError, ValueError):  # no such group, or not a number
+        return False
+    return wall - max_age <= stamp <= wall + max_age

@@ -1,0 +1,150 @@
+"""Carries out the policy's kills: diagnose, kill through circusd, verify.
+
+circusd answers ``kill`` once the process is gone (up to its
+graceful_timeout later, when it SIGKILLs), but it also answers "ok" for a pid
+it no longer knows, so every kill is verified: through the local ``/proc``
+where circusd runs on this host and in this pid namespace, else through
+circusd's own ``list``.  A dry run only reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Any
+
+from .circusd import CircusError
+from .config import Config
+from .metrics import Metrics
+from .pids import alive
+from .registry import Registry
+from .sync import Caller
+
+logger = logging.getLogger("circus.watchdog")
+
+KILL_CHECK_DELAY = 1.0  # seconds after circusd's kill reply the pid may linger
+KILL_CHECKS = 10
+CIRCUS_GRACEFUL_TIMEOUT = 30.0  # circus's default graceful_timeout, seconds
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True if a circusd at ``endpoint`` runs on this host (ipc or loopback)."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class KillFailed(Exception):
+    """circusd did not kill the process."""
+
+
+class Killer:
+    """Kills silent pids through circusd, one task per kill."""
+
+    def __init__(
+        self,
+        client: Caller,
+        registry: Registry,
+        metrics: Metrics,
+        config: Config,
+        *,
+        local: bool,
+    ) -> None:
+        self.client = client
+        self.registry = registry
+        self.metrics = metrics
+        self.config = config
+        self.local = local  # circusd's pids are ours to check in /proc
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def kill(self, pid: int, watcher: str, now: float, *, dry_run: bool) -> None:
+        """Kill ``pid`` (already out of the table), or in a dry run report it."""
+        timeout = self.config.timeout_of(watcher)
+        if dry_run:
+            self.metrics.would_kill += 1
+            logger.warning(
+                "dry run: would kill %s pid %d (no heartbeat for over %gs)",
+                watcher,
+                pid,
+                timeout,
+            )
+            self.registry.rearm(pid, watcher, now)  # report it again next timeout
+            return
+        logger.warning(
+            "killing %s pid %d: no heartbeat for over %gs", watcher, pid, timeout
+        )
+        self.registry.start_kill(pid, watcher)
+        task = asyncio.create_task(self._kill(pid, watcher))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel the kills under way."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _kill(self, pid: int, watcher: str) -> None:
+        try:
+            if self.config.diagnostic_signal is not None:
+                await self._signal(pid, watcher, self.config.diagnostic_signal)
+            await self._call_kill(pid, watcher)
+        except KillFailed as exc:
+            self.metrics.kill_failures += 1
+            logger.error("circusd did not kill %s pid %d: %s", watcher, pid, exc)
+        else:
+            self.metrics.kills[watcher] += 1
+        finally:
+            self.registry.end_kill(pid)
+
+    async def _call_kill(self, pid: int, watcher: str) -> None:
+        props: dict[str, Any] = {"name": watcher, "pid": pid}
+        if self.config.watchers_stop_signal is not None:
+            props["signum"] = self.config.watchers_stop_signal
+        graceful = self.config.watchers_graceful_timeout
+        if graceful is not None:
+            props["graceful_timeout"] = graceful
+        # circusd answers once the process is gone, up to graceful_timeout
+        # later (then it SIGKILLs), so the reply may take that long.
+        wait = self.config.call_timeout + (
+            CIRCUS_GRACEFUL_TIMEOUT if graceful is None else graceful
+        )
+        local = self.local and alive(pid)  # same host, same pid namespace
+        try:
+            await self.client.call("kill", timeout=wait, **props)
+            for _ in range(KILL_CHECKS):
+                if not await self._still_there(pid, watcher, local):
+                    return
+                await asyncio.sleep(KILL_CHECK_DELAY / KILL_CHECKS)
+        except CircusError as exc:
+            raise KillFailed(str(exc)) from None
+        raise KillFailed(f"pid {pid} still runs after the kill")
+
+    async def _still_there(self, pid: int, watcher: str, local: bool) -> bool:
+        if local:
+            return alive(pid)
+        pids = (await self.client.call("list", name=watcher)).get("pids")
+        return isinstance(pids, list) and pid in pids
+
+    async def _signal(self, pid: int, watcher: str, signum: int) -> None:
+        try:
+            await self.client.call("signal", name=watcher, pid=pid, signum=signum)
+        except CircusError as exc:
+            logger.warning("could not signal %s pid %d: %s", watcher, pid, exc)
+            return
+        logger.warning(
+            "sent signal %d to %s pid %d; killing it in %gs",
+            signum,
+            watcher,
+            pid,
+            self.config.diagnostic_delay,
+        )
+        await asyncio.sleep(self.config.diagnostic_delay)

@@ -1,0 +1,291 @@
+"""The heartbeat sockets, their buffers, and when to read them.
+
+A wake-up costs more than the datagrams it reads when they come one or two at
+a time (epoll, a loop callback, a Python call, the counters): at a paced flood
+the loop would wake once per datagram or two.  So each socket is read by a
+`Coalescer`: while idle it waits for readability (``add_reader``), so a quiet
+fleet costs nothing extra and a lone heartbeat is read at once; after a read
+that found data it stops watching readability and reads again ``batch_delay``
+seconds later (a timer), as long as reads keep finding data; a read that finds
+the socket empty goes back to ``add_reader``.  Wake-ups then grow with time, not
+with datagrams, and a heartbeat waits at most ``batch_delay`` (<= 5 ms) before
+it reaches the table.  ``batch_delay = 0`` reads on every wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+
+from ._core import HeartbeatTable
+from .config import Config
+from .formats import apply_regex
+from .metrics import Metrics
+
+logger = logging.getLogger("circus.watchdog")
+
+# socket(7), Linux: report the socket's drop count with each datagram; set a
+# buffer past net.core.rmem_max (Python's socket module names neither).
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def set_rcvbuf(sock: socket.socket, want: int) -> int:
+    """Ask for a ``want``-byte receive buffer (forcing past rmem_max where
+    allowed); return the bytes granted."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+    # Linux reports twice what it grants (the rest is bookkeeping).
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 < want:
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, want)
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2)
+
+
+def _sized(sock: socket.socket, want: int) -> None:
+    got = set_rcvbuf(sock, want)
+    if got < want:
+        logger.warning(
+            "rcvbuf: asked for %d bytes, the kernel granted %d; raise "
+            "net.core.rmem_max (sysctl -w net.core.rmem_max=%d) or run with "
+            "CAP_NET_ADMIN, or heartbeats may be dropped under load",
+            want,
+            got,
+            want,
+        )
+
+
+def bind_udp(config: Config) -> socket.socket:
+    """The UDP heartbeat socket on ``ip``:``port``; OSError naming them."""
+    family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        _sized(sock, config.rcvbuf)
+        sock.bind((config.ip, config.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno,
+            f"cannot bind the heartbeat socket to ip {config.ip} "
+            f"port {config.port}: {exc.strerror}",
+        ) from None
+    sock.setblocking(False)
+    with contextlib.suppress(OSError):  # Linux only: drops are then unseen
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    return sock
+
+
+def bind_unix(config: Config) -> socket.socket:
+    """The sd_notify socket at ``unix_socket``; OSError naming it."""
+    path = config.unix_socket
+    assert path is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        _sized(sock, config.rcvbuf)
+        if not path.startswith("@") and is_socket(path):
+            os.unlink(path)  # left by a previous run; never unlink a file
+        sock.bind(address)
+        if not path.startswith("@"):
+            os.chmod(path, 0o666)  # watchers may run as other users
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"cannot bind unix_socket {path}: {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def is_socket(path: str) -> bool:
+    """True if ``path`` names a Unix socket."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+class Coalescer:
+    """Reads one socket: on readability while idle, on a timer while busy.
+
+    ``read()`` drains what is queued (at most ``budget`` datagrams) and returns
+    how many datagrams it read.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        read: Callable[[], int],
+        *,
+        delay: float,
+        budget: int,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._read = read
+        self._delay = delay
+        self._budget = budget
+        self._timer: asyncio.Handle | None = None
+        self.wakeups = 0  # reads so far (readability and timer)
+
+    def start(self) -> None:
+        """Wait for the first datagram."""
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def stop(self) -> None:
+        """Stop reading (the socket stays open)."""
+        self._loop.remove_reader(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_readable(self) -> None:
+        self.wakeups += 1
+        if self._read() and self._delay > 0:
+            self._loop.remove_reader(self._fd)
+            self._timer = self._loop.call_later(self._delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.wakeups += 1
+        n = self._read()
+        if n >= self._budget:  # more is queued: read again after other work
+            self._timer = self._loop.call_soon(self._on_timer)
+        elif n:
+            self._timer = self._loop.call_later(self._delay, self._on_timer)
+        else:  # empty: idle until the next datagram
+            self._timer = None
+            self._loop.add_reader(self._fd, self._on_readable)
+
+
+class Receiver:
+    """Owns the heartbeat sockets and feeds what they read into the table."""
+
+    def __init__(self, config: Config, table: HeartbeatTable, metrics: Metrics) -> None:
+        self.config = config
+        self.table = table
+        self.metrics = metrics
+        self._pattern = config.msg_pattern
+        self._udp: socket.socket | None = None
+        self._unix: socket.socket | None = None
+        self._readers: list[Coalescer] = []
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The UDP socket's bound (ip, port), or None when UDP is off."""
+        if self._udp is None:
+            return None
+        host, port = self._udp.getsockname()[:2]
+        return host, port
+
+    def listening(self) -> str:
+        """Where heartbeats are read, for the start-up line."""
+        out = []
+        if self.address is not None:
+            out.append(f"udp {self.address[0]}:{self.address[1]}")
+        if self.config.unix_socket is not None:
+            out.append(f"unix {self.config.unix_socket}")
+        return " and ".join(out)
+
+    @property
+    def wakeups(self) -> int:
+        """Reads made so far, on every socket."""
+        return sum(reader.wakeups for reader in self._readers)
+
+    def open(self) -> None:
+        """Bind the sockets; OSError (naming the option) if one cannot be."""
+        config = self.config
+        if config.port:
+            self._udp = bind_udp(config)
+        if config.unix_socket is not None:
+            try:
+                self._unix = bind_unix(config)
+            except OSError:
+                self.close()
+                raise
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading on ``loop``."""
+        udp_read = self._read_udp if self._pattern is None else self._read_regex
+        for sock, read in ((self._udp, udp_read), (self._unix, self._read_notify)):
+            if sock is not None:
+                reader = Coalescer(
+                    loop,
+                    sock.fileno(),
+                    read,
+                    delay=self.config.batch_delay,
+                    budget=self.config.budget,
+                )
+                reader.start()
+                self._readers.append(reader)
+
+    def close(self) -> None:
+        """Stop reading and close the sockets (unlinking our Unix socket)."""
+        for reader in self._readers:
+            reader.stop()
+        self._readers.clear()
+        for sock in (self._udp, self._unix):
+            if sock is not None:
+                sock.close()
+        path = self.config.unix_socket
+        if self._unix is not None and path and is_socket(path):
+            os.unlink(path)
+        self._udp = self._unix = None
+
+    def _read_udp(self) -> int:
+        assert self._udp is not None
+        max_age = self.config.max_age
+        try:
+            counts = self.table.drain(
+                self._udp,
+                time.monotonic(),
+                self.config.budget,
+                max_age or 0.0,
+                time.time() if max_age else 0.0,  # wall clock only if checked
+            )
+        except OSError as exc:  # the socket, never a datagram's content
+            logger.error("reading the heartbeat socket failed: %s", exc)
+            return 0
+        self.metrics.count_drain(counts)
+        return counts.datagrams
+
+    def _read_regex(self) -> int:
+        assert self._udp is not None and self._pattern is not None
+        try:
+            payloads, oversized = self.table.drain_raw(self._udp, self.config.budget)
+        except OSError as exc:
+            logger.error("reading the heartbeat socket failed: %s", exc)
+            return 0
+        max_age = self.config.max_age
+        counts = apply_regex(
+            self._pattern,
+            self.table,
+            payloads,
+            time.monotonic(),
+            max_age or 0.0,
+            time.time() if max_age else 0.0,
+        )
+        self.metrics.count_drain(counts)
+        self.metrics.datagrams += oversized
+        self.metrics.malformed += oversized
+        return counts.datagrams + oversized
+
+    def _read_notify(self) -> int:
+        assert self._unix is not None
+        try:
+            counts = self.table.drain_notify(
+                self._unix, time.monotonic(), self.config.budget
+            )
+        except OSError as exc:
+            logger.error("reading unix_socket failed: %s", exc)
+            return 0
+        self.metrics.count_drain(counts)
+        return counts.datagrams

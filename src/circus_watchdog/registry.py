@@ -1,0 +1,178 @@
+"""Which pids are watched: the one owner of every pid's lifecycle.
+
+circusd is the only source of pids (never a heartbeat). A pid circusd reports
+is in exactly one of these states, and only this module moves it:
+
+- monitored: in the table, which owns its timing (last heartbeat, deadline);
+- excluded: its watcher is never watched: the one running this watchdog, and
+  circus's own (``circusd-stats``, every ``plugin:*``) unless ``include_circus``;
+- being killed: the policy chose it and the killer is at work (out of the table);
+- killed but still listed: circusd sends no ``reap`` for what it kills, and a
+  ``list`` taken in between still shows it: it must not be re-learnt (and
+  killed twice) before circusd forgets it.
+
+A re-sync reads the pid set with ``list`` while events keep arriving; events
+seen during that read (the churn) know better than the listing and win.
+Everything here is plain data and methods: the clock is passed in, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from ._core import HeartbeatTable
+from .pids import is_pid
+
+#: circus's own watchers: its statistics daemon and every plugin.
+CIRCUS_STATS = "circusd-stats"
+PLUGIN_PREFIX = "plugin:"
+
+
+class Settings(Protocol):
+    """The options the registry reads (a Config has them)."""
+
+    @property
+    def watchers_regex(self) -> re.Pattern[str]: ...
+    @property
+    def include_circus(self) -> bool: ...
+    @property
+    def grace(self) -> float | None: ...
+    def timeout_of(self, watcher: str) -> float: ...
+
+
+def is_circus_own(watcher: str) -> bool:
+    """True for circusd-stats and plugin watchers, which send no heartbeats."""
+    return watcher == CIRCUS_STATS or watcher.startswith(PLUGIN_PREFIX)
+
+
+class Registry:
+    """The monitored pids, learnt from circusd's listings and events."""
+
+    def __init__(
+        self, table: HeartbeatTable, settings: Settings, *, self_pids: Iterable[int]
+    ) -> None:
+        self.table = table
+        self._settings = settings
+        self._self_pids = frozenset(self_pids)
+        self._watchers: set[str] = set()  # monitored watchers, as last listed
+        self._excluded: dict[str, int] = {}  # excluded watcher -> its pid count
+        self._self_watchers: set[str] = set()  # runs this watchdog
+        self._killing: dict[int, str] = {}
+        self._killed: dict[int, str] = {}
+        self._churn: dict[int, str] | None = None  # events during a listing
+
+    # -- what is watched -----------------------------------------------------
+
+    def matches(self, watcher: str) -> bool:
+        """True if ``watchers_regex`` matches ``watcher`` (it may be excluded)."""
+        return self._settings.watchers_regex.match(watcher) is not None
+
+    def wants(self, watcher: str) -> bool:
+        """True if ``watcher``'s processes are monitored."""
+        return (
+            self.matches(watcher)
+            and watcher not in self._self_watchers
+            and (self._settings.include_circus or not is_circus_own(watcher))
+        )
+
+    @property
+    def watchers(self) -> tuple[str, ...]:
+        """The monitored watchers, sorted (each has a kills series from the start)."""
+        return tuple(sorted(self._watchers))
+
+    @property
+    def excluded(self) -> dict[str, int]:
+        """Watchers matched by watchers_regex but never watched, with pid counts."""
+        return dict(self._excluded)
+
+    @property
+    def killing(self) -> list[int]:
+        """Pids the killer is at work on."""
+        return sorted(self._killing)
+
+    # -- circusd's view ------------------------------------------------------
+
+    def begin_listing(self) -> None:
+        """A ``list`` is about to be read: note the events that arrive meanwhile."""
+        self._churn = {}
+
+    def abort_listing(self) -> None:
+        """The ``list`` failed: forget the churn."""
+        self._churn = None
+
+    def apply_listing(
+        self, listing: Mapping[str, Iterable[object]], now: float, *, fresh: bool
+    ) -> None:
+        """Make the monitored set circusd's: ``listing`` maps every watcher
+        name that ``matches`` to its pids.  ``fresh`` restarts every timeout
+        (after a reconnection)."""
+        churn, self._churn = self._churn or {}, None
+        found: dict[int, str] = {}
+        self._excluded.clear()
+        for name, pids in listing.items():
+            valid = [p for p in pids if is_pid(p)]
+            if self._self_pids.intersection(valid):
+                self._self_watchers.add(name)
+            if self.wants(name):
+                found.update((p, name) for p in valid)
+            elif self.matches(name):
+                self._excluded[name] = len(valid)
+        self._watchers = {name for name in listing if self.wants(name)}
+        for watcher in self._watchers:
+            self._learn_timeout(watcher)
+        for pid in self.table.pids():
+            if pid not in found and pid not in churn:
+                self.table.remove(pid)
+        for pid in [p for p in self._killed if p not in found]:
+            del self._killed[pid]  # gone from circusd's list: nothing to guard
+        for pid, watcher in found.items():
+            if pid in churn or pid in self._killing or pid in self._killed:
+                continue  # an event since `list`, or a kill, knows better
+            if fresh or pid not in self.table or self.table.watcher_of(pid) != watcher:
+                self.table.add(pid, watcher, now)
+
+    def apply_event(self, watcher: str, action: str, pid: object, now: float) -> None:
+        """Apply one ``spawn``, ``reap`` or ``kill`` event of a process."""
+        if not is_pid(pid) or not self.wants(watcher):
+            return
+        if pid in self._self_pids:
+            self._self_watchers.add(watcher)
+            self.table.remove(pid)
+            return
+        if action == "spawn":
+            self._killing.pop(pid, None)  # a reused pid: a new process
+            self._killed.pop(pid, None)
+            self._watchers.add(watcher)
+            self._learn_timeout(watcher)
+            self.table.add(pid, watcher, now, self._settings.grace)
+        elif action in ("reap", "kill"):
+            # circusd is stopping it (or has): nothing left to watch.
+            self.table.remove(pid)
+        else:
+            return
+        if self._churn is not None:
+            self._churn[pid] = action
+
+    def _learn_timeout(self, watcher: str) -> None:
+        timeout = self._settings.timeout_of(watcher)
+        if self.table.watcher_timeout(watcher) != timeout:
+            self.table.set_watcher_timeout(watcher, timeout)
+
+    # -- the kill path -------------------------------------------------------
+
+    def rearm(self, pid: int, watcher: str, now: float) -> None:
+        """Give a silent pid (already out of the table) a fresh deadline."""
+        if pid not in self._killing and pid not in self._killed:
+            self.table.add(pid, watcher, now)
+
+    def start_kill(self, pid: int, watcher: str) -> None:
+        """The killer takes ``pid`` (already out of the table)."""
+        self._killing[pid] = watcher
+
+    def end_kill(self, pid: int) -> None:
+        """The kill is over; circusd may list the pid a little longer."""
+        watcher = self._killing.pop(pid, None)
+        if watcher is not None:
+            self._killed[pid] = watcher
