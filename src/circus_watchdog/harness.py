@@ -346,12 +346,12 @@ def metric(series: dict[str, float], name: str, **labels: str) -> float:
 
 
 def kills(series: dict[str, float]) -> dict[str, float]:
-    """Kills by watcher, from /metrics."""
+    """Kills by watcher, from /metrics: the watchers with at least one kill."""
     prefix = 'circus_watchdog_kills_total{watcher="'
     return {
         name[len(prefix) : -2]: value
         for name, value in series.items()
-        if name.startswith(prefix)
+        if name.startswith(prefix) and value > 0
     }
 
 
