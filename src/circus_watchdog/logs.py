@@ -102,6 +102,8 @@ def _syslog(url: str) -> logging.Handler:
         address = (info.hostname or "localhost", info.port or 514)
     else:
         address = info.path
+        if not _is_socket(address):  # SysLogHandler would only fail on emit
+            raise OSError(errno.ENOTSOCK, "no socket there")
     return logging.handlers.SysLogHandler(address=address, facility=facility)
 
 
