@@ -100,7 +100,7 @@ CWD = os.getcwd()
     ("cmdline", "plugin_argv", "expected"),
     [
         # circusd's flag, in the forms argparse takes (abbreviations included).
-        (["py", "-m", "circus.circusd", "--log-output", "/a.log", "c.ini"], [], "/a.log"),
+        (["py", "-m", "circus.circusd", "--log-output", "/a", "c.ini"], [], "/a"),
         (["py", "/venv/bin/circusd", "c.ini", "--log-output=/b.log"], [], "/b.log"),
         (["/venv/bin/circusd", "--daemon", "--log-o", "/c.log", "c.ini"], [], "/c.log"),
         # circusd's flag wins over [circus] logoutput (the plugin's --log-output).
