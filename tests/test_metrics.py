@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import re
+import shlex
+import shutil
 import socket
 import types
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -262,6 +267,9 @@ def test_http_endpoint(loop_factory: Callable[[], asyncio.AbstractEventLoop]) ->
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
         "application/openmetrics-text",
         "text/plain;q=0.5, application/openmetrics-text;version=1.0.0;q=1",
+        # What a Prometheus 2 server sends by default.
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+        "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
     ],
 )
 def test_openmetrics_negotiation(
@@ -402,9 +410,85 @@ def test_a_taken_port_names_the_option_and_address(
         taken.close()
     assert in_use.errno == errno.EADDRINUSE
     assert str(in_use) == (
-        f"[Errno {errno.EADDRINUSE}] metrics_port: cannot listen on "
-        f"127.0.0.1:{port}: Address already in use"
+        f"metrics_port: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert foreign.errno == errno.EADDRNOTAVAIL
     assert "metrics_port: cannot listen on 192.0.2.1:0: " in str(foreign)
     assert "\n" not in str(in_use) + str(foreign)
+
+
+# -- docs/operations.md ----------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+DOC_PORT = "9664"
+
+
+def doc_section() -> str:
+    text = DOC.read_text()
+    return text[text.index("## Metrics\n") : text.index("### Example alert rules")]
+
+
+def doc_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", doc_section(), re.M | re.S)
+
+
+def test_doc_table_is_what_is_served() -> None:
+    """The table names every circus_watchdog_* series served, and no other."""
+    row = r"^\| `(circus_watchdog_\w+)(?:\{([\w,]+)\})?` \| (\w+) \|"
+    rows = re.findall(row, doc_section(), re.M)
+    assert len(rows) == len(SERIES)
+    assert {name: kind for name, _, kind in rows} == SERIES
+    m = Metrics()
+    m.kills["web"] = 1
+    served: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition(m, readings)):
+        for sample in family.samples:
+            if sample.name.startswith("circus_watchdog_"):
+                served.setdefault(sample.name, set()).update(sample.labels)
+    assert {name: set(filter(None, labels.split(","))) for name, labels, _ in rows} == (
+        served
+    )
+
+
+def test_doc_error_line(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """The error the docs quote for a taken port is the one raised."""
+    (quoted,) = doc_blocks("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def main() -> str:
+            registry = make_registry(Metrics(), readings, INFO)
+            with pytest.raises(OSError) as caught:
+                await serve_http("127.0.0.1", port, registry, dict)
+            return str(caught.value)
+
+        loop = loop_factory()
+        try:
+            error = loop.run_until_complete(main())
+        finally:
+            loop.close()
+    assert error == quoted.strip().replace(DOC_PORT, str(port))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_doc_curl_command(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """The docs' curl command gets OpenMetrics from a running server."""
+    (command,) = doc_blocks("sh")
+
+    async def body(port: int) -> None:
+        argv = shlex.split(command.replace(DOC_PORT, str(port)))
+        direct = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, env=direct
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+        assert out.endswith(b"# EOF\n")
+        names = {f.name for f in openmetrics_families(out.decode())}
+        assert {"circus_watchdog_kills", "process_cpu_seconds"} <= names
+
+    assert run_server(loop_factory, body) == []

@@ -94,7 +94,7 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("kills_held", "kills_held", "kills held by the storm guard"),
     ("stalls", "stalls", "ticks that ran late: no kill on them"),
     ("resyncs", "resyncs", "pid lists re-read from circusd"),
-    ("captures", "captures", "diagnostic captures taken before a kill"),
+    ("captures", "captures", "diagnostic_command captures that exited 0"),
 )
 
 # (Readings attribute, name without prefix and _total, help)
@@ -259,5 +259,6 @@ def _bind_error(exc: OSError, host: str, port: int) -> OSError:
     # A resolver error (socket.gaierror) has a negative errno of its own.
     code = exc.errno
     reason = os.strerror(code) if code and code > 0 else str(exc.strerror or exc)
-    text = f"metrics_port: cannot listen on {host}:{port}: {reason}"
-    return OSError(code, text) if code else OSError(text)
+    error = OSError(f"metrics_port: cannot listen on {host}:{port}: {reason}")
+    error.errno = code  # kept for callers, left out of the one-line message
+    return error
