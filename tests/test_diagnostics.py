@@ -27,7 +27,6 @@ from circus_watchdog.diagnostics import (
     KillLog,
     Snapshot,
     expand,
-    is_local,
     kill_line,
     read_stat,
 )
@@ -378,14 +377,6 @@ def test_kill_log_is_bounded_and_newest_first():  # type: ignore[no-untyped-def]
     }
 
 
-def test_is_local():  # type: ignore[no-untyped-def]
-    assert is_local("ipc:///tmp/circus.sock")
-    assert is_local("tcp://127.0.0.1:5555")
-    assert is_local("tcp://localhost:5555")
-    assert not is_local("tcp://192.0.2.1:5555")  # TEST-NET-1, never ours
-    assert not is_local("nonsense")
-
-
 def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):  # type: ignore[no-untyped-def]
     pid = start(spawn, "sleep", "60")
     wait_for(lambda: state_of(pid) == "S", timeout=BOUND)
@@ -398,7 +389,7 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
         endpoint="tcp://127.0.0.1:5555",
     )
     metrics = Metrics()
-    diag = Diagnostics(config, metrics)
+    diag = Diagnostics(config, metrics, local=True)
     diag.tick(FakeTable({pid: time.monotonic()}), time.monotonic())
     report = run(
         loop_factory,

@@ -33,7 +33,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -273,28 +272,6 @@ def kill_line(
         f"{verb} {watcher} pid {pid}: silent {silent_for:.1f} s "
         f"(timeout {timeout:g} s); {snapshot.describe()}"
     )
-
-
-def is_local(endpoint: str) -> bool:
-    """Whether circusd at ``endpoint`` runs on this host (its pids are ours)."""
-    if endpoint.startswith("ipc://"):
-        return True
-    match = re.fullmatch(r"tcp://\[?([^\]]+?)\]?:\d+", endpoint)
-    if match is None:
-        return False
-    try:
-        infos = socket.getaddrinfo(match[1], 0, type=socket.SOCK_DGRAM)
-    except OSError:
-        return False
-    for family, kind, _, _, address in infos:
-        # Binding succeeds only to an address of one of this host's interfaces.
-        with socket.socket(family, kind) as sock:
-            try:
-                sock.bind((address[0], 0))
-            except OSError:
-                continue
-            return True
-    return False
 
 
 def expand(command: Sequence[str], pid: int, watcher: str) -> list[str]:
@@ -586,9 +563,15 @@ class Diagnostics:
     """Snapshot, capture and record of every kill; the killer's one entry point."""
 
     def __init__(
-        self, config: Config, counts: CaptureCounts | None = None, proc: str = PROC
+        self,
+        config: Config,
+        counts: CaptureCounts | None = None,
+        *,
+        local: bool,
+        proc: str = PROC,
     ) -> None:
-        self.local = os.path.isdir(proc) and is_local(config.endpoint)
+        # Only where circusd runs on this host are its pids ours to inspect.
+        self.local = local and os.path.isdir(proc)
         self.proc = proc
         self.sampler = CpuSampler(config.timeout, config.tick, proc)
         self.runner = (

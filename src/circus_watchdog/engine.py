@@ -193,6 +193,7 @@ class Watchdog:
         """Expire the silent pids and act on the policy's decision."""
         drops = self.table.kernel_drops - self._drops_at_tick
         self._drops_at_tick += drops
+        self.killer.diagnostics.tick(self.table, now)  # CPU-since-beat baselines
         if not self.sync.connected:
             return  # never kill on stale state: wait for a fresh list
         silent = self.table.expire(now)
@@ -249,6 +250,7 @@ class Watchdog:
             "kills": dict(metrics.kills),
             "would_kill": metrics.would_kill,
             "kills_held": metrics.kills_held,
+            "recent_kills": self.killer.diagnostics.recent_kills(),
         }
 
 

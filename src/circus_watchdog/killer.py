@@ -1,5 +1,10 @@
 """Carries out the policy's kills: diagnose, kill through circusd, verify.
 
+Before each kill, and each dry-run report, ``Diagnostics`` snapshots the
+process, logs the kill line, runs ``diagnostic_command`` (bounded by
+``diagnostic_timeout``) and writes the capture file; the kill is recorded in
+``recent_kills`` with its outcome.
+
 circusd answers ``kill`` once the process is gone (up to its
 graceful_timeout later, when it SIGKILLs), but it also answers "ok" for a pid
 it no longer knows, so every kill is verified: through the local ``/proc``
@@ -12,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from typing import Any
 
 from .circusd import CircusError
 from .config import Config
+from .diagnostics import Diagnostics, KillReport, Snapshot
 from .metrics import Metrics
 from .pids import alive
 from .registry import Registry
@@ -63,26 +70,17 @@ class Killer:
         self.metrics = metrics
         self.config = config
         self.local = local  # circusd's pids are ours to check in /proc
+        self.diagnostics = Diagnostics(config, metrics, local=local)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def kill(self, pid: int, watcher: str, now: float, *, dry_run: bool) -> None:
         """Kill ``pid`` (already out of the table), or in a dry run report it."""
-        timeout = self.config.timeout_of(watcher)
         if dry_run:
             self.metrics.would_kill += 1
-            logger.warning(
-                "dry run: would kill %s pid %d (no heartbeat for over %gs)",
-                watcher,
-                pid,
-                timeout,
-            )
             self.registry.rearm(pid, watcher, now)  # report it again next timeout
-            return
-        logger.warning(
-            "killing %s pid %d: no heartbeat for over %gs", watcher, pid, timeout
-        )
-        self.registry.start_kill(pid, watcher)
-        task = asyncio.create_task(self._kill(pid, watcher))
+        else:
+            self.registry.start_kill(pid, watcher)
+        task = asyncio.create_task(self._kill(pid, watcher, now, dry_run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -92,7 +90,11 @@ class Killer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _kill(self, pid: int, watcher: str) -> None:
+    async def _kill(self, pid: int, watcher: str, now: float, dry_run: bool) -> None:
+        report = await self._diagnose(pid, watcher, now, dry_run)
+        if dry_run:
+            self.diagnostics.record(pid, watcher, report, "dry_run")
+            return
         try:
             if self.config.diagnostic_signal is not None:
                 await self._signal(pid, watcher, self.config.diagnostic_signal)
@@ -100,10 +102,24 @@ class Killer:
         except KillFailed as exc:
             self.metrics.kill_failures += 1
             logger.error("circusd did not kill %s pid %d: %s", watcher, pid, exc)
+            self.diagnostics.record(pid, watcher, report, "failed")
         else:
             self.metrics.kills[watcher] += 1
+            self.diagnostics.record(pid, watcher, report, "killed")
         finally:
             self.registry.end_kill(pid)
+
+    async def _diagnose(
+        self, pid: int, watcher: str, now: float, dry_run: bool
+    ) -> KillReport:
+        timeout = self.config.timeout_of(watcher)
+        try:
+            return await self.diagnostics.before_kill(
+                pid, watcher, timeout, now, dry_run=dry_run
+            )
+        except Exception:  # a bug there must never stop the kill
+            logger.exception("diagnostics of %s pid %d failed", watcher, pid)
+            return KillReport(time.time(), timeout, Snapshot(pid), None)
 
     async def _call_kill(self, pid: int, watcher: str) -> None:
         props: dict[str, Any] = {"name": watcher, "pid": pid}
