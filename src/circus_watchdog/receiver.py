@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from ._core import HeartbeatTable
+from .ancestry import monitored_ancestor
 from .config import Config
 from .formats import apply_regex
 from .metrics import Metrics
@@ -177,6 +179,12 @@ class Receiver:
         self._udp: socket.socket | None = None
         self._unix: socket.socket | None = None
         self._readers: list[Coalescer] = []
+        # notify_access = all: a sender counts for its nearest monitored ancestor.
+        self._resolve = (
+            functools.partial(monitored_ancestor, is_monitored=table.__contains__)
+            if config.notify_access == "all"
+            else None
+        )
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -282,7 +290,7 @@ class Receiver:
         assert self._unix is not None
         try:
             counts = self.table.drain_notify(
-                self._unix, time.monotonic(), self.config.budget
+                self._unix, time.monotonic(), self.config.budget, self._resolve
             )
         except OSError as exc:
             logger.error("reading unix_socket failed: %s", exc)
