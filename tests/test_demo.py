@@ -95,6 +95,34 @@ def screens(text: str) -> list[str]:
     return re.findall(pattern, text, re.MULTILINE | re.DOTALL)
 
 
+def check_screens(text: str) -> None:
+    """At least one kill, and every screen with the hint, the metrics URL and
+    kills as ``watcher: N`` lines (never a Python dict)."""
+    match = re.search(
+        r"^demo summary: (\d+) kill\(s\) \(flaky: (\d+), steady: 0\), ",
+        text,
+        re.MULTILINE,
+    )
+    assert match, text
+    assert int(match[1]) == int(match[2]) >= 1, text
+    shown = screens(text)
+    assert len(shown) >= 3, text  # one every 2 s once the plugin answers
+    for screen in shown:
+        lines = screen.splitlines()
+        assert re.fullmatch(
+            r"Ctrl-C to stop   metrics http://127\.0\.0\.1:\d+/metrics"
+            r"  \(and /status\)",
+            lines[1],
+        ), screen
+        kill_lines = lines[3 : lines.index("")]
+        assert all(re.fullmatch(r"  \w+: \d+", k) for k in kill_lines), screen
+        assert "{" not in screen
+    # The last screen came up to 2 s before the summary: as many kills or fewer.
+    flaky, steady = shown[-1].splitlines()[3:5]
+    assert steady == "  steady: 0", shown[-1]
+    assert flaky.startswith("  flaky: ") and int(flaky[9:]) <= int(match[2])
+
+
 @pytest.mark.circusd
 def test_demo(request: pytest.FixtureRequest) -> None:
     """``circus-watchdog demo --duration 15 --plain`` kills at least one hung
@@ -157,29 +185,7 @@ def test_demo(request: pytest.FixtureRequest) -> None:
         # circusd, the plugin, 3 steady, 3 flaky and 2 unmonitored workers.
         assert len(demo.seen) >= 10, text
         assert f" core={demo.core} " in text
-        match = re.search(
-            r"^demo summary: (\d+) kill\(s\) \(flaky: (\d+), steady: 0\), ",
-            text,
-            re.MULTILINE,
-        )
-        assert match, text
-        assert int(match[1]) == int(match[2]) >= 1, text
-        shown = screens(text)
-        assert len(shown) >= 3, text  # one every 2 s once the plugin answers
-        for screen in shown:
-            lines = screen.splitlines()
-            assert re.fullmatch(
-                r"Ctrl-C to stop   metrics http://127\.0\.0\.1:\d+/metrics"
-                r"  \(and /status\)",
-                lines[1],
-            ), screen
-            kill_lines = lines[3 : lines.index("")]
-            assert all(re.fullmatch(r"  \w+: \d+", k) for k in kill_lines), screen
-            assert "{" not in screen
-        # The last screen came up to 2 s before the summary: as many kills or fewer.
-        flaky, steady = shown[-1].splitlines()[3:5]
-        assert steady == "  steady: 0", shown[-1]
-        assert flaky.startswith("  flaky: ") and int(flaky[9:]) <= int(match[2])
+        check_screens(text)
         folder = re.search(r"^circusd started .* in (\S+);", text, re.MULTILINE)
         assert folder, text
         assert not os.path.exists(folder[1])
