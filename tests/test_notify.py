@@ -286,3 +286,18 @@ def test_resolve_error_still_closes_descriptors(
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_security_doc_notify_access_snippet(tmp_path: Path) -> None:
+    from circus_watchdog.circus_ini import read_circus_ini
+    from circus_watchdog.config import Config
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```ini\n")[1:]]
+    (snippet,) = [b for b in blocks if "notify_access" in b]
+    ini = tmp_path / "circus.ini"
+    ini.write_text(snippet)
+    options = read_circus_ini(str(ini), "plugin:watchdog").options
+    config = Config.from_options(options)
+    assert config.notify_access == "all"
+    assert config.unix_socket == "/run/circus-watchdog.sock"
