@@ -3,17 +3,21 @@ headless run per core on a real circusd."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import pytest
 
-from circus_watchdog.demo import render, summary
+from circus_watchdog.demo import fetch_status, render, summary
+from circus_watchdog.metrics import Metrics, Readings, make_registry, serve_http
 from support import NO_EXTENSIONS, command, process_gone, wait_for
 
 EXIT_BOUND = 5.0  # seconds for every demo process to be gone after it ends
@@ -75,6 +79,40 @@ def test_summary_line() -> None:
         "demo summary: 10 kill(s) (flaky: 9, gone: 1, steady: 0), "
         "1234 heartbeats, 0 dry-run, 1 held"
     )
+
+
+def test_status_is_read_without_a_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """A proxy set in the environment (as on many company desktops) is not
+    used to reach the plugin on loopback."""
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as dead:  # a proxy that refuses every connection
+        dead.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{dead.getsockname()[1]}")
+        got: list[dict[str, Any] | None] = []
+
+        async def main() -> None:
+            registry = make_registry(
+                Metrics(), lambda: Readings(0, True, (), 0, 0, 0), {}
+            )
+            server = await serve_http("127.0.0.1", 0, registry, status)
+            port = server.sockets[0].getsockname()[1]
+            try:
+                reply = asyncio.to_thread(fetch_status, port)
+                got.append(await asyncio.wait_for(reply, 10))
+            finally:
+                server.close()
+                await server.wait_closed()
+
+        loop = loop_factory()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+    assert got == [status()]
 
 
 # -- a real run -------------------------------------------------------------

@@ -18,14 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import orjson
 from circus.client import CircusClient
 
-from circus_watchdog.harness import free_ports
+from circus_watchdog.harness import fetch_status, free_ports
 
 LOOP_RATE = 1.0  # seconds; timeout = LOOP_RATE * MAX_COUNT
 MAX_COUNT = 3
@@ -72,17 +70,6 @@ metrics_port = {metrics_port}
 """
     )
     return ini, endpoint, metrics_port
-
-
-def fetch_status(metrics_port: int) -> dict[str, Any] | None:
-    """The plugin's /status, or None while it is not up."""
-    url = f"http://127.0.0.1:{metrics_port}/status"
-    try:
-        with urllib.request.urlopen(url, timeout=1) as reply:  # noqa: S310 - loopback
-            data: dict[str, Any] = orjson.loads(reply.read())
-            return data
-    except OSError:
-        return None
 
 
 def kill_counts(status: dict[str, Any]) -> list[str]:
