@@ -377,6 +377,17 @@ def test_kill_log_is_bounded_and_newest_first():  # type: ignore[no-untyped-def]
     }
 
 
+def keys(capture: str) -> list[str]:
+    head = capture.split("\n\n")[1]  # between the kill line and the output
+    return [line.split(":")[0] for line in head.splitlines()]
+
+
+def documented_capture() -> str:
+    docs = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+    section = docs.read_text().split("### Reading a capture", 1)[1]
+    return section.split("```\n", 2)[1]
+
+
 def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):  # type: ignore[no-untyped-def]
     pid = start(spawn, "sleep", "60")
     wait_for(lambda: state_of(pid) == "S", timeout=BOUND)
@@ -401,6 +412,9 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
     assert f"killing web pid {pid}: silent" in text
     assert "state: S" in text and "result: made, exited with status 0" in text
     assert text.endswith(f"stack of web {pid}\n")
+    assert text.count(f"pid: {pid}\n") == 1
+    # The documented capture ("Reading a capture") has the same fields in order.
+    assert keys(text) == keys(documented_capture())
     diag.record(pid, "web", report, "killed")
     assert diag.recent_kills()[0]["capture"] == report.capture
     assert (metrics.captures, metrics.capture_failures) == (1, {})

@@ -492,7 +492,11 @@ def capture_file(
         f"watcher: {watcher}",
         f"pid: {pid}",
     ]
-    lines += [f"{k}: {'-' if v is None else v}" for k, v in snapshot.as_dict().items()]
+    lines += [
+        f"{k}: {'-' if v is None else v}"
+        for k, v in snapshot.as_dict().items()
+        if k != "pid"
+    ]
     if capture is None:
         lines.append("command: none")
     else:
