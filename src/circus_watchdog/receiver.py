@@ -29,6 +29,7 @@ from ._core import HeartbeatTable
 from .ancestry import monitored_ancestor
 from .config import Config
 from .formats import apply_regex
+from .inherit import inherited_unix_socket
 from .metrics import Metrics
 
 logger = logging.getLogger("circus.watchdog")
@@ -178,6 +179,7 @@ class Receiver:
         self._pattern = config.msg_pattern
         self._udp: socket.socket | None = None
         self._unix: socket.socket | None = None
+        self._unix_bound = False  # we bound it (not inherited from circusd)
         self._readers: list[Coalescer] = []
         # notify_access = all: a sender counts for its nearest monitored ancestor.
         self._resolve = (
@@ -215,7 +217,12 @@ class Receiver:
             self._udp = bind_udp(config)
         if config.unix_socket is not None:
             try:
-                self._unix = bind_unix(config)
+                self._unix = inherited_unix_socket(config.unix_socket)
+                if self._unix is not None:  # circusd's [socket:NAME]
+                    _sized(self._unix, config.rcvbuf)
+                else:
+                    self._unix = bind_unix(config)
+                    self._unix_bound = True
             except OSError:
                 self.close()
                 raise
@@ -244,9 +251,10 @@ class Receiver:
             if sock is not None:
                 sock.close()
         path = self.config.unix_socket
-        if self._unix is not None and path and is_socket(path):
+        if self._unix_bound and path and is_socket(path):
             os.unlink(path)
         self._udp = self._unix = None
+        self._unix_bound = False
 
     def _read_udp(self) -> int:
         assert self._udp is not None
