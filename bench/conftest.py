@@ -2,7 +2,7 @@
 
 ``impl`` runs a benchmark on the compiled core (``c``), its pure twin (``py``)
 and circus's own WatchDog code path (``original``); ``receiver`` puts the
-count-only recvmmsg ``floor`` (bench/floor.c) first for the drain.  Run with
+count-only recvmmsg drain ``count`` (bench/count_drain.c) first for the drain.  Run with
 ``pytest bench/ --benchmark-columns=mean,stddev,ops --benchmark-group-by=group``;
 per-operation figures, ratios and the targets are printed at the end.
 """
@@ -32,7 +32,8 @@ RESULTS_KEY = pytest.StashKey[Results]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "c_extension: benchmarks of compiled code (the core or the floor)"
+        "markers",
+        "c_extension: benchmarks of compiled code (the core or the count-only drain)",
     )
     config.addinivalue_line(
         "markers", "original: benchmarks of circus.plugins.watchdog.WatchDog"
@@ -56,7 +57,7 @@ def results(pytestconfig: pytest.Config) -> Results:
 
 
 def _params(*tags: str) -> list[Any]:
-    marks = {"c": C_EXT_MARK, "floor": C_EXT_MARK, "original": ORIGINAL_MARK}
+    marks = {"c": C_EXT_MARK, "count": C_EXT_MARK, "original": ORIGINAL_MARK}
     return [pytest.param(t, marks=marks[t]) if t in marks else t for t in tags]
 
 
@@ -65,9 +66,9 @@ def _make_impl(request: pytest.FixtureRequest) -> Iterator[Impl]:
     if tag == "original":
         with original_watchdog() as wd:
             yield Impl(tag, watchdog=wd)
-    elif tag == "floor":
-        lib = request.getfixturevalue("floor_lib")
-        yield Impl(tag, floor_drain=lib.floor_drain)
+    elif tag == "count":
+        lib = request.getfixturevalue("count_drain_lib")
+        yield Impl(tag, count_drain=lib.count_drain)
     else:
         try:
             core = core_module(tag)
@@ -82,28 +83,28 @@ def impl(request: pytest.FixtureRequest) -> Iterator[Impl]:
     yield from _make_impl(request)
 
 
-@pytest.fixture(params=_params("floor", "c", "py", "original"), ids=str)
+@pytest.fixture(params=_params("count", "c", "py", "original"), ids=str)
 def receiver(request: pytest.FixtureRequest) -> Iterator[Impl]:
-    """The count-only recvmmsg floor, then the same three as ``impl``."""
+    """The count-only recvmmsg drain, then the same three as ``impl``."""
     yield from _make_impl(request)
 
 
 @pytest.fixture(scope="session")
-def floor_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """bench/floor.c, compiled with gcc -O2 for this session and loaded."""
+def count_drain_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """bench/count_drain.c, compiled with gcc -O2 for this session and loaded."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc not found on PATH: cannot build the recvmmsg floor")
-    out = tmp_path_factory.mktemp("floor") / "floor.so"
-    src = Path(__file__).with_name("floor.c")
+        pytest.skip("gcc not found on PATH: cannot build the count-only recvmmsg drain")
+    out = tmp_path_factory.mktemp("count_drain") / "count_drain.so"
+    src = Path(__file__).with_name("count_drain.c")
     subprocess.run(
         [gcc, "-O2", "-shared", "-fPIC", "-o", str(out), str(src)],
         check=True,
         capture_output=True,
     )
     lib = ctypes.CDLL(str(out))
-    lib.floor_drain.argtypes = [ctypes.c_int, ctypes.c_long]
-    lib.floor_drain.restype = ctypes.c_long
+    lib.count_drain.argtypes = [ctypes.c_int, ctypes.c_long]
+    lib.count_drain.restype = ctypes.c_long
     return lib
 
 

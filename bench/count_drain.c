@@ -1,7 +1,10 @@
-/* The machine's ceiling for draining a UDP socket: recvmmsg(2) in batches of
- * 64 into a static buffer, counting datagrams and looking at nothing else.
- * bench/conftest.py compiles it with `gcc -O2 -shared -fPIC` and loads it with
- * ctypes; circus_watchdog's compiled drain is compared against it.
+/* A count-only drain for the core benchmark of `table.drain`: recvmmsg(2) in
+ * batches of 64 into a static buffer, counting datagrams and looking at
+ * nothing else. bench/conftest.py compiles it with `gcc -O2 -shared -fPIC`
+ * and calls it through ctypes, as `table.drain` is called from Python: the two
+ * differ only in what is done per datagram. It is a reference for the drain
+ * function, not a floor for a receiver (those are bench/floors/, programs of
+ * their own, measured by bench/e2e).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -20,7 +23,7 @@ static int ready;
 /* Reads up to `budget` queued datagrams without blocking; returns how many,
  * or -errno on a socket error. Stops at the first short batch, as the core
  * does: a short batch means the queue is empty. */
-long floor_drain(int fd, long budget)
+long count_drain(int fd, long budget)
 {
     long total = 0;
     if (!ready) {

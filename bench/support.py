@@ -51,7 +51,7 @@ class Impl:
     tag: str
     core: ModuleType | None = None  # c and py: the core module
     watchdog: Any = None  # original: a circus WatchDog (see original_watchdog)
-    floor_drain: Callable[[int, int], int] | None = None  # floor: bench/floor.c
+    count_drain: Callable[[int, int], int] | None = None  # count: bench/count_drain.c
 
     def __str__(self) -> str:
         return self.tag

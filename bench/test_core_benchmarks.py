@@ -41,7 +41,7 @@ EMPTY_ROUNDS = 20
 SWEEP_ROUNDS = 10  # look_after calls timed
 MEMORY_PIDS = 1_000_000
 DRAIN_PID0 = 100_000
-DRAIN_ROUNDS = {"floor": 25, "c": 25, "py": 10, "original": 6}
+DRAIN_ROUNDS = {"count": 25, "c": 25, "py": 10, "original": 6}
 
 
 def test_parse_heartbeat(benchmark: Any, impl: Impl, results: Results) -> None:
@@ -215,11 +215,11 @@ def test_drain_cpu(
     pids = range(DRAIN_PID0, DRAIN_PID0 + n)
     rx = udp_pair.rx
     fd = rx.fileno()
-    if receiver.floor_drain is not None:
-        floor_drain = receiver.floor_drain
+    if receiver.count_drain is not None:
+        count_drain = receiver.count_drain
 
         def target() -> int:
-            return floor_drain(fd, n)
+            return count_drain(fd, n)
 
     elif receiver.watchdog is not None:
         wd = receiver.watchdog
@@ -265,12 +265,12 @@ def test_drain_cpu(
         after = [status[str(p)]["last_activity"] for p in pids[:: n // 8]]
         assert all(a > b for a, b in zip(after, stamps, strict=True))
     op = record(results, "drain", receiver.tag, benchmark, n, backlog=n)
-    floor = results.get("drain", "floor")
+    count = results.get("drain", "count")
     benchmark.extra_info.update(
         backlog=n,
         rcvbuf=udp_pair.rcvbuf,
         capacity=udp_pair.capacity,
         us_cpu_per_datagram=op and op * 1e6,
         sys_share=system / (user + system) if user + system else None,
-        ratio_to_floor=op / floor if op and floor else None,
+        ratio_to_count=op / count if op and count else None,
     )

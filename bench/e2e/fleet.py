@@ -1,0 +1,97 @@
+"""A real circusd running the fleet, and the daemons that watch it.
+
+The ``fleet`` watcher runs ``procs`` processes (``sleep``): the flood carries
+their real pids. The ``probe`` watcher runs one more that nobody floods, for
+the freshness measurement. Each daemon is the standalone ``circus-watchdog``
+on its own UDP port, monitoring both watchers, with ``--loop-rate 3600`` (no
+pid times out during a run) and ``--dry-run`` (nothing is ever killed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from circus_watchdog.harness import (
+    Circusd,
+    Standalone,
+    circusd_pool,
+    free_udp_port,
+    standalone_pool,
+    wait_for,
+)
+
+SLEEP = "sleep 36000"  # a real process that costs nothing
+SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet
+SYNC_LIMIT = 60.0  # seconds for a daemon to monitor the whole fleet
+WATCHED = "^(fleet|probe)$"
+
+
+@dataclass
+class Daemon:
+    """A running daemon and the UDP port it reads."""
+
+    name: str
+    proc: Standalone
+    port: int
+    flags: tuple[str, ...]
+
+
+@dataclass
+class Fleet:
+    circusd: Circusd
+    pids: list[int]  # the fleet's, flooded
+    probe: int  # the probe's pid, never flooded
+    start_daemon: Callable[..., Standalone]
+    cpu: int | None
+
+    def daemon(self, name: str, *flags: str) -> Daemon:
+        """Start ``circus-watchdog`` with ``flags``; return once it monitors
+        every fleet and probe pid, its threads pinned to the receivers' CPU."""
+        port = free_udp_port()
+        args = ("--port", str(port), "--loop-rate", "3600", "--dry-run")
+        args += ("--watchers-regex", WATCHED, *flags)
+        proc = self.start_daemon(self.circusd, *args, core=None)
+        want = {*self.pids, self.probe}
+        wait_for(lambda: set(proc.monitored()) == want, SYNC_LIMIT, interval=0.2)
+        if self.cpu is not None:
+            pin_threads(proc.proc.pid, self.cpu)
+        return Daemon(name, proc, port, tuple(flags))
+
+
+def pin_threads(pid: int, cpu: int) -> None:
+    """Pin every thread of ``pid`` (threads started later inherit it)."""
+    for thread in psutil.Process(pid).threads():
+        os.sched_setaffinity(thread.id, {cpu})
+
+
+@contextmanager
+def fleet(workdir: Path, procs: int, cpu: int | None) -> Iterator[Fleet]:
+    """circusd with the fleet and the probe; everything stopped on exit."""
+    sections = f"""\
+[watcher:fleet]
+cmd = {SLEEP}
+numprocesses = {procs}
+
+[watcher:probe]
+cmd = {SLEEP}
+numprocesses = 1
+"""
+    with (
+        circusd_pool(workdir) as start_circusd,
+        standalone_pool(workdir, show_logs=False) as start_daemon,
+    ):
+        circusd = start_circusd(sections)
+
+        def whole_fleet() -> list[int] | None:
+            pids = circusd.pids("fleet")
+            return pids if len(pids) == procs else None
+
+        pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT, interval=0.2)
+        [probe] = circusd.wait_for(lambda: circusd.pids("probe"), SPAWN_LIMIT)
+        yield Fleet(circusd, pids, probe, start_daemon, cpu)
