@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from circus_watchdog.receiver import set_rcvbuf
 from report import Results, format_summary
 from support import Impl, UdpPair, core_module, original_watchdog
 
 C_EXT_MARK = pytest.mark.c_extension
 ORIGINAL_MARK = pytest.mark.original
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; needs CAP_NET_ADMIN
 RCVBUF = 32 << 20  # bytes asked for; Linux doubles it for its bookkeeping
 DRAIN_BACKLOG = 50_048  # heartbeats per drain round, a multiple of the batch (64)
 RESULTS_KEY = pytest.StashKey[Results]()
@@ -112,19 +112,16 @@ def count_drain_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 def udp_pair() -> Iterator[UdpPair]:
     """127.0.0.1 sockets whose receiver queue holds tens of thousands of heartbeats.
 
-    The receiver asks for 32 MiB with SO_RCVBUFFORCE (allowed to root), else
-    for as much of it as net.core.rmem_max grants.  The capacity is measured by
+    The receiver asks for 32 MiB as the daemon sizes its socket
+    (``circus_watchdog.receiver.set_rcvbuf``: SO_RCVBUFFORCE where allowed,
+    else as much as net.core.rmem_max grants).  The capacity is measured by
     sending more than fits; each drain round queues 3/4 of it at most, so the
     kernel never drops.
     """
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        try:
-            rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except PermissionError:
-            rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
-            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, min(RCVBUF, rmem_max))
+        set_rcvbuf(rx, RCVBUF)
         rx.bind(("127.0.0.1", 0))
         rx.setblocking(False)
         tx.connect(rx.getsockname())

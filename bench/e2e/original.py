@@ -5,8 +5,9 @@
 pids in its ``pid_status`` as its ``handle_recv`` does on a ``spawn`` event,
 binds with its own ``_bind_socket`` (which registers ``receive_udp_socket`` on
 its tornado IOLoop: one ``recvfrom``, decode, regex and ``pid_status`` update
-per wake-up), sizes the buffer like the other receivers, prints
-``ready PORT GRANTED`` and runs the loop. On SIGTERM it prints ``count N``
+per wake-up), sizes the buffer as the daemon does
+(``circus_watchdog.receiver.set_rcvbuf``), prints ``ready PORT GRANTED`` and
+runs the loop. On SIGTERM it prints ``count N``
 (datagrams read) and exits: the same protocol as the C floors.
 
 The handler runs as it is, wrapped in one call and one increment (it counts
@@ -19,21 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import time
 from typing import Any
 
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+from circus_watchdog.receiver import set_rcvbuf
+
 LOOP_RATE = 3600  # seconds: look_after never runs during a benchmark
-
-
-def set_rcvbuf(sock: socket.socket, want: int) -> int:
-    """SO_RCVBUFFORCE (root), else SO_RCVBUF; the bytes granted (as the floors)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, want)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
 
 
 def main() -> int:
