@@ -85,7 +85,7 @@ class FakeTable:
 def test_busy_loop_is_running_and_uses_cpu_since_its_beat(spawn):  # type: ignore[no-untyped-def]
     pid = start(spawn, sys.executable, "-c", "while True: pass")
     wait_for(lambda: state_of(pid) == "R", timeout=BOUND)
-    sampler = CpuSampler(timeout=2.0, tick=0.1)
+    sampler = CpuSampler(period=0.1, tick=0.1)
     table = FakeTable({pid: 100.0})
     t0 = time.monotonic()
     sampler.sample(table, t0)
@@ -103,7 +103,7 @@ def test_busy_loop_is_running_and_uses_cpu_since_its_beat(spawn):  # type: ignor
 def test_sleeping_process_uses_no_cpu(spawn):  # type: ignore[no-untyped-def]
     pid = start(spawn, "sleep", "60")
     wait_for(lambda: state_of(pid) == "S", timeout=BOUND)
-    sampler = CpuSampler(timeout=2.0, tick=0.1)
+    sampler = CpuSampler(period=0.1, tick=0.1)
     sampler.sample(FakeTable({pid: 5.0}), time.monotonic())
     time.sleep(0.3)
     snap = Snapshot.take(pid, sampler.baseline(pid), time.monotonic())
@@ -180,7 +180,7 @@ def fake_stat(proc: Path, pid: int, cpu_ticks: int, start: int = 7) -> None:
 def test_sampler_baseline_follows_heartbeats(tmp_path):  # type: ignore[no-untyped-def]
     tck = diagnostics._CLK_TCK
     fake_stat(tmp_path, 10, cpu_ticks=1 * tck)
-    sampler = CpuSampler(timeout=10, tick=1, proc=str(tmp_path))
+    sampler = CpuSampler(period=1, tick=1, proc=str(tmp_path))
     table = FakeTable({10: 1.0})
     sampler.sample(table, 1.5)
     assert sampler.baseline(10) == Baseline(1.0, 1.0, 7, 1.5)
@@ -202,7 +202,7 @@ def test_sampler_baseline_follows_heartbeats(tmp_path):  # type: ignore[no-untyp
 def test_sampler_state_is_bounded_by_the_monitored_pids(tmp_path):  # type: ignore[no-untyped-def]
     for pid in range(100, 140):
         fake_stat(tmp_path, pid, 1)
-    sampler = CpuSampler(timeout=10, tick=1, proc=str(tmp_path))
+    sampler = CpuSampler(period=1, tick=1, proc=str(tmp_path))
     table = FakeTable({pid: 1.0 for pid in range(100, 140)})
     sampler.sample(table, 1.0)
     assert len(sampler) == 40
@@ -211,24 +211,33 @@ def test_sampler_state_is_bounded_by_the_monitored_pids(tmp_path):  # type: igno
     for _ in range(3):
         sampler.sample(table, 2.0)
     assert len(sampler) == 5
-    table.last[999] = 1.0  # no /proc entry: no baseline
+    table.last[999] = 1.0  # no /proc entry: remembered as unreadable
     sampler.sample(table, 3.0)
     sampler.sample(table, 3.0)
-    assert sampler.baseline(999) is None and len(sampler) == 5
+    assert len(sampler) == 6
+    base = sampler.baseline(999)
+    assert base is not None and base.start == diagnostics.UNREADABLE
+    fake_stat(tmp_path, 999, 1)  # read again only after a heartbeat
+    sampler.sample(table, 4.0)
+    assert sampler.baseline(999) == base
+    table.last[999] = 2.0
+    sampler.sample(table, 5.0)
+    assert sampler.baseline(999) == Baseline(2.0, 1 / diagnostics._CLK_TCK, 7, 5.0)
 
 
 def test_sampler_visits_a_bounded_slice_per_tick(tmp_path):  # type: ignore[no-untyped-def]
-    sampler = CpuSampler(timeout=60, tick=1)
-    assert sampler.visits(10) == 10  # a small fleet: every pid, every tick
-    assert sampler.visits(100_000) == 3334  # each pid every timeout / 2
+    sampler = CpuSampler(period=30, tick=1)
+    assert sampler.visits(10) == 1  # each pid about once per period
+    assert sampler.visits(300) == 10
     assert sampler.visits(10_000_000) == diagnostics.MAX_VISITS
-    table = FakeTable({pid: 1.0 for pid in range(1, 5001)})
+    assert CpuSampler(period=0.5, tick=1).visits(10) == 10  # at most all of them
+    table = FakeTable({pid: 1.0 for pid in range(1, 601)})
     seen: list[int] = []
     table.last_seen = lambda pid: seen.append(pid) or 1.0  # type: ignore[method-assign]
-    sampler.sample(table, 1.0)
-    assert len(seen) == diagnostics.MIN_VISITS
-    sampler.sample(table, 2.0)
-    assert seen[diagnostics.MIN_VISITS] == diagnostics.MIN_VISITS + 1  # round robin
+    for tick in range(31):
+        sampler.sample(table, float(tick))
+    # Round robin: every pid once in 30 ticks, then the next round begins.
+    assert seen[:600] == list(range(1, 601)) and seen[600:] == list(range(1, 21))
 
 
 # -- the capture runner ----------------------------------------------------------

@@ -8,10 +8,11 @@ Before each kill (and each dry-run "would kill") the killer asks this module:
   descriptors.  Any part that cannot be read is None, never an exception.
 - ``CpuSampler``: the baseline of "CPU since its last heartbeat", taken off the
   hot path.  Once per tick it visits a bounded slice of the monitored pids in
-  round robin; for a pid whose ``last_seen`` changed since its previous visit it
-  records the pid's CPU time.  At kill time the CPU used since that visit is
-  the CPU used since (at most one visit after) the last heartbeat.  Its state
-  is one entry per monitored pid, dropped when the pid leaves the table.
+  round robin, each pid about every ``loop_rate / 2`` seconds; for a pid whose
+  ``last_seen`` changed since its previous visit it records the pid's CPU time.
+  At kill time the CPU used since that visit is the CPU used since (at most
+  one visit after) the last heartbeat.  Its state is one entry per monitored
+  pid, dropped when the pid leaves the table.
 - ``CaptureRunner``: ``diagnostic_command`` with ``{pid}`` and ``{watcher}``
   substituted (no shell), in its own session, for at most ``diagnostic_timeout``
   seconds (then its whole process group is SIGKILLed), output capped at
@@ -47,10 +48,12 @@ PROC = "/proc"
 OUTPUT_CAP = 64 * 1024  # bytes of a capture's output kept (the rest is discarded)
 LOG_CAP = 2000  # characters of a capture's output quoted in the log
 RECENT_KILLS = 100  # kills kept for /status
-MIN_VISITS = 1024  # pids the sampler may visit per tick, whatever the fleet size
-MAX_VISITS = 10_000  # ... and at most, so a huge fleet cannot stretch a tick
+# Pids the sampler visits per tick at most (about 3 to 12 ms when each needs a
+# /proc read), so a huge fleet stretches the visits, not the tick.
+MAX_VISITS = 1000
 REAP_WAIT = 1.0  # seconds to wait for a killed capture to be reaped
 _READ_CHUNK = 64 * 1024
+UNREADABLE = -1  # Baseline.start of a pid whose /proc entry could not be read
 
 try:
     _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -123,7 +126,7 @@ class Baseline(NamedTuple):
 
     beat: float  # the table's last_seen when the visit saw it (monotonic)
     cpu: float  # CPU seconds used by the pid then
-    start: int  # the pid's start time (a reused pid has another)
+    start: int  # the pid's start time (a reused pid has another); or UNREADABLE
     at: float  # when the visit took place (monotonic)
 
 
@@ -136,60 +139,66 @@ class _Table(Protocol):
 class CpuSampler:
     """Per-pid CPU baselines, refreshed a bounded slice at a time."""
 
-    def __init__(self, timeout: float, tick: float, proc: str = PROC) -> None:
-        # Visit each pid about every timeout / 2, and small fleets every tick.
-        self._rounds_per_tick = tick / (timeout / 2)
+    def __init__(self, period: float, tick: float, proc: str = PROC) -> None:
+        # Visit each pid every ``period`` (loop_rate / 2: a pid beating every
+        # loop_rate costs one /proc read per beat, and the baseline is at most
+        # period late); the MAX_VISITS cap stretches that for huge fleets.
+        self._rounds_per_tick = tick / period
         self.proc = proc
         self._order: list[int] = []
         self._next = 0
-        self._base: dict[int, Baseline] = {}
+        # Baselines of the pids visited in this round, and of the last round's
+        # pids not visited yet: what is left there at the end of a round left
+        # the table, and goes without a scan of the whole fleet.
+        # Plain tuples of numbers: the garbage collector untracks those, so a
+        # big fleet's baselines do not lengthen its full collections.
+        self._base: dict[int, tuple[float, float, int, float]] = {}
+        self._last_round: dict[int, tuple[float, float, int, float]] = {}
 
     def __len__(self) -> int:
-        return len(self._base)
+        return len(self._base) + len(self._last_round)
 
     def visits(self, monitored: int) -> int:
         """Pids visited per tick for a fleet of ``monitored`` pids."""
         want = math.ceil(monitored * self._rounds_per_tick)
-        return min(monitored, MAX_VISITS, max(MIN_VISITS, want))
+        return min(monitored, MAX_VISITS, max(1, want))
 
     def sample(self, table: _Table, now: float) -> None:
         """Visit the next slice of ``table``'s pids (call once per tick)."""
-        if self._next >= len(self._order):
-            self._refresh(table)  # a new round
+        if self._next >= len(self._order):  # a new round
+            self._order = table.pids()
+            self._next = 0
+            self._last_round, self._base = self._base, {}
         end = min(len(self._order), self._next + self.visits(len(self._order)))
         for pid in self._order[self._next : end]:
             self._visit(table, pid, now)
         self._next = end
 
-    def _refresh(self, table: _Table) -> None:
-        self._order = table.pids()
-        self._next = 0
-        if len(self._base) > len(self._order) // 2:
-            keep = set(self._order)
-            self._base = {p: b for p, b in self._base.items() if p in keep}
-
     def _visit(self, table: _Table, pid: int, now: float) -> None:
+        old = self._last_round.pop(pid, None) or self._base.get(pid)
         try:
             beat = table.last_seen(pid)
         except KeyError:  # left the table since the round began
             self._base.pop(pid, None)
             return
-        old = self._base.get(pid)
-        if old is not None and old.beat == beat:
-            return  # no heartbeat since the last visit: keep the baseline
+        if old is not None and old[0] == beat:
+            self._base[pid] = old  # no heartbeat since the last visit: keep it
+            return
         stat = read_stat(pid, self.proc)
-        if stat is None:
-            self._base.pop(pid, None)
+        if stat is None:  # remembered, so it is read again only after a beat
+            self._base[pid] = (beat, 0.0, UNREADABLE, now)
         else:
-            self._base[pid] = Baseline(beat, stat.cpu, stat.start, now)
+            self._base[pid] = (beat, stat.cpu, stat.start, now)
 
     def baseline(self, pid: int) -> Baseline | None:
         """The latest baseline of ``pid``, if any."""
-        return self._base.get(pid)
+        found = self._base.get(pid) or self._last_round.get(pid)
+        return None if found is None else Baseline._make(found)
 
     def forget(self, pid: int) -> None:
         """Drop ``pid``'s baseline (it was killed)."""
         self._base.pop(pid, None)
+        self._last_round.pop(pid, None)
 
 
 @dataclass(frozen=True)
@@ -577,7 +586,7 @@ class Diagnostics:
         # Only where circusd runs on this host are its pids ours to inspect.
         self.local = local and os.path.isdir(proc)
         self.proc = proc
-        self.sampler = CpuSampler(config.timeout, config.tick, proc)
+        self.sampler = CpuSampler(config.loop_rate / 2, config.tick, proc)
         self.runner = (
             CaptureRunner(
                 config.diagnostic_command,
