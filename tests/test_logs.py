@@ -121,6 +121,20 @@ def test_circusd_log_output(
     assert logs.circusd_log_output(os.getpid(), plugin_argv, cmdline) == expected
 
 
+def test_circusd_ini_logoutput(tmp_path: Path) -> None:
+    """``[circus] logoutput`` read from circusd's own ini (a plugin restarted by
+    ``reloadconfig`` is not given it); circusd's flag still wins."""
+    ini = tmp_path / "circus.ini"
+    ini.write_text("[circus]\nlogoutput = /from/ini.log\n")
+    argv = ["--log-output", "/from/plugin/argv.log"]
+    got = logs.circusd_log_output(os.getpid(), [], ["circusd", str(ini)])
+    assert got == "/from/ini.log"
+    got = logs.circusd_log_output(os.getpid(), argv, ["circusd", str(ini)])
+    assert got == "/from/ini.log"
+    cmdline = ["circusd", "--log-output", "/flag.log", str(ini)]
+    assert logs.circusd_log_output(os.getpid(), argv, cmdline) == "/flag.log"
+
+
 def test_plugin_log_output_file_gets_all_and_circusd_log_the_trouble(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

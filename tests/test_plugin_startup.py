@@ -202,6 +202,13 @@ def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
             f"ip 127.0.0.1 port {port}: ",
             "Address already in use",
         )
+    # Fixed and reloaded (circus gives the new plugin no --log-output then):
+    # it starts, and says so in the same log.
+    ini = tmp_path / "circus.ini"
+    fixed = ini.read_text().replace(f"port = {port}", f"port = {free_udp_port()}")
+    ini.write_text(fixed)
+    assert circusd.call("reloadconfig")["status"] == "ok"
+    wait_for(lambda: "listening on udp" in log.read_text(), timeout=15)
 
 
 def test_daemon(launch: Launch, tmp_path: Path) -> None:

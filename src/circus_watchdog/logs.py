@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
+from circus.config import read_config
 from circus.util import LOG_DATE_FMT, LOG_DATE_SYSLOG_FMT, LOG_FMT
 
 from .config import Config, ConfigError
@@ -116,37 +117,63 @@ def circusd_log_output(
     """Where circusd ``ppid`` logs: ``-`` (its stderr), a path or syslog URL.
 
     circusd takes its ``--log-output`` flag over ``[circus] logoutput``, and
-    circus passes only the latter to plugins (as their ``--log-output``).
+    circus passes only the latter to plugins (as their ``--log-output``, and
+    not at all to a plugin restarted by ``reloadconfig``): read both flag and
+    ini from circusd's command line, then the plugin's own flag.
     """
-    flag = _log_output_flag(circusd_cmdline) if circusd_cmdline else None
-    output = flag or _log_output_flag(plugin_argv, plugin=True) or STDOUT
-    if output == STDOUT or output.startswith("syslog://") or os.path.isabs(output):
+    flag, ini = _circusd_args(circusd_cmdline or [])
+    cwd = _cwd(ppid)
+    if flag is None and ini is not None:
+        flag = _ini_logoutput(os.path.join(cwd, ini) if cwd else ini)
+    output = flag or _plugin_flag(plugin_argv) or STDOUT
+    if output == STDOUT or output.startswith("syslog://") or not cwd:
         return output
-    try:  # relative to circusd's working directory
-        return os.path.join(os.readlink(f"/proc/{ppid}/cwd"), output)
+    return os.path.join(cwd, output)  # relative to circusd's working directory
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
-        return output
+        return None
 
 
-def _log_output_flag(argv: Sequence[str], *, plugin: bool = False) -> str | None:
-    args = list(argv)
-    if not plugin:
-        args = _after_circusd(args)
-        if not args:
-            return None
+def _circusd_args(cmdline: Sequence[str]) -> tuple[str | None, str | None]:
+    """circusd's ``--log-output`` and config file, parsed as circusd does."""
+    args = _after_circusd(list(cmdline))
+    if not args:
+        return None, None
     parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("config", nargs="?")
     parser.add_argument("--log-output", dest="logoutput")
-    if not plugin:  # circusd's flags, so that abbreviations resolve as there
-        parser.add_argument("--log-level")
-        parser.add_argument("--logger-config")
-        parser.add_argument("--pidfile")
-        parser.add_argument("--daemon", action="store_true")
-        parser.add_argument("--version", action="store_true")
+    for flag in ("--log-level", "--logger-config", "--pidfile"):
+        parser.add_argument(flag)  # so that abbreviations resolve as in circusd
+    for flag in ("--daemon", "--version"):
+        parser.add_argument(flag, action="store_true")
     try:
         ns, _ = parser.parse_known_args(args)
     except (argparse.ArgumentError, SystemExit):
+        return None, None
+    return ns.logoutput or None, ns.config or None
+
+
+def _plugin_flag(argv: Sequence[str]) -> str | None:
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--log-output", dest="logoutput")
+    try:
+        ns, _ = parser.parse_known_args(list(argv))
+    except (argparse.ArgumentError, SystemExit):
         return None
-    value = ns.logoutput
+    return ns.logoutput or None
+
+
+def _ini_logoutput(path: str) -> str | None:
+    """``[circus] logoutput`` as circusd reads it (includes, substitutions)."""
+    try:
+        cfg, _ = read_config(path)
+        value = cfg.dget("circus", "logoutput", None)
+    except Exception:  # noqa: BLE001 - any unreadable ini: fall back to the rest
+        return None
     return value if isinstance(value, str) and value else None
 
 
