@@ -38,6 +38,7 @@ CHECK_DELAY = 1  # seconds: circusd would respawn a dead plugin this often
 NO_RESPAWN_FOR = 3 * CHECK_DELAY  # seconds watched for a respawn
 PLUGIN = "plugin:watchdog"
 ERROR = "circus-watchdog cannot start: "
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 @dataclass
@@ -168,7 +169,8 @@ def check_reported_once_and_idle(
 
 
 def test_foreground_default_logging(circusd_factory: Callable[..., Circusd]) -> None:
-    """circusd logs to its stderr; the plugin's own stderr is /dev/null."""
+    """circusd logs to its stderr; the plugin's own stderr is /dev/null. The
+    line is docs/configuration.md's example."""
     circusd = circusd_factory(plugin_section("max_count = 0"))
     check_reported_once_and_idle(
         circusd.log,
@@ -176,6 +178,11 @@ def test_foreground_default_logging(circusd_factory: Callable[..., Circusd]) -> 
         "invalid max_count (--max-count): ",
         "got '0'",
     )
+    doc = DOC.read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in doc.split("```text\n")[1:]]
+    (example,) = [b for b in blocks if ERROR in b]
+    (line,) = error_lines(circusd.log)
+    assert line.split(" [ERROR] ", 1)[1] == example
 
 
 def test_log_output_flag(launch: Launch, tmp_path: Path) -> None:
