@@ -42,14 +42,19 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
     - **watchers_stop_signal** -- signal for the kill (default: the watcher's)
     - **watchers_graceful_timeout** -- seconds before SIGKILL (default: the
       watcher's)
+    - **log_level** -- the plugin's log level (default: info)
+    - **log_output** -- a file or ``syslog://`` URL for the plugin's log
+      (default: "-", where circusd logs; warnings and errors always go there)
 
     New options (see docs/configuration.md): **tick** (default: loop_rate / 10,
     at most 1 s), **metrics_port** (default: off), **dry_run** (default: false),
     **storm_guard** (default: true), **max_kill_fraction** (default: 0.5),
     **storm_floor** (default: 2), **rcvbuf** (default: 8M), **budget**
     (default: 4096), **resync_interval** (default: 60), **call_timeout**
-    (default: 5), **unix_socket** (default: off), **max_age** (default: off),
-    **grace** (default: the timeout), **watcher_timeouts** (default: none),
+    (default: 5), **unix_socket** (default: off; with ``use_sockets = True``
+    an inherited circusd ``[socket:NAME]`` bound there is used), **max_age**
+    (default: off), **grace** (default: the timeout), **watcher_timeouts**
+    (default: none),
     **diagnostic_signal** (default: off), **diagnostic_delay** (default: 2).
     """
 
