@@ -250,8 +250,19 @@ def test_dry_run_captures_and_kills_nothing(
     circusd_factory: Start, standalone: Callable[..., Standalone], tmp_path: Path
 ) -> None:
     udp, captures = free_udp_port(), tmp_path / "caps"
-    circusd = circusd_factory(f"[watcher:silent]\ncmd = {SLEEPER}\nnumprocesses = 1\n")
-    pid = wait_pids(circusd, {"silent": 1})["silent"][0]
+    # One silent process asleep, one spinning (until circusd is gone).
+    busy = shlex.join(
+        [
+            sys.executable,
+            "-c",
+            "import os; p = os.getppid(); any(os.getppid() != p for _ in iter(int, 1))",
+        ]
+    )
+    circusd = circusd_factory(
+        f"[watcher:silent]\ncmd = {SLEEPER}\nnumprocesses = 1\n\n"
+        f"[watcher:busy]\ncmd = {busy}\nnumprocesses = 1\n"
+    )
+    pids = wait_pids(circusd, {"silent": 1, "busy": 1})
     wd = standalone(
         circusd,
         *flags("--port", str(udp), "--dry-run"),
@@ -259,11 +270,27 @@ def test_dry_run_captures_and_kills_nothing(
         *("--diagnostic-dir", str(captures)),
         core=None,
     )
-    kill = wait_for(lambda: wd.status()["recent_kills"], timeout=TIMEOUT + 5)[0]
-    assert (kill["pid"], kill["outcome"], kill["state"]) == (pid, "dry_run", "S")
-    text = Path(kill["capture"]).read_text()
+    recent = wait_for(
+        lambda: len(wd.status()["recent_kills"]) >= 2 and wd.status()["recent_kills"],
+        timeout=TIMEOUT + 5,
+    )
+    by_watcher = {k["watcher"]: k for k in recent}
+    asleep, spinning = by_watcher["silent"], by_watcher["busy"]
+    assert (asleep["pid"], asleep["outcome"], asleep["state"]) == (
+        pids["silent"][0],
+        "dry_run",
+        "S",
+    )
+    assert asleep["cpu_since_beat"] is not None and asleep["cpu_since_beat"] < 0.1
+    assert (spinning["pid"], spinning["state"]) == (pids["busy"][0], "R")
+    # It spun for most of its silence (the baseline may be loop_rate / 2 late,
+    # and the machine's cores are shared), and never for longer.
+    cpu = spinning["cpu_since_beat"]
+    assert cpu is not None and 0.2 <= cpu <= spinning["silent_for"] + 0.1
+    pid = pids["silent"][0]
+    text = Path(asleep["capture"]).read_text()
     assert text.startswith("# circus-watchdog diagnostics")
     assert f"dry run: would kill silent pid {pid}" in text
     assert text.endswith(f"would capture silent {pid}\n")
-    assert circusd.pids("silent") == [pid]
+    assert circusd.pids("silent") == [pid] and circusd.pids("busy") == pids["busy"]
     assert kills(wd.metrics()) == {}
