@@ -340,7 +340,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     if not rates:
         return
     fig, (left, mid, right) = plt.subplots(
-        1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1.5, 1, 1]}
+        1, 3, figsize=(16, 5.5), gridspec_kw={"width_ratios": [1.5, 1, 1]}
     )
     kinds = [k for k in KINDS if any(k in c for c in s["cpu"].values())]
     width = 0.8 / len(kinds)
@@ -366,7 +366,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     left.set_xticks(range(len(rates)), [f"{rate_label(r)}/s" for r in rates])
     left.set_ylabel("CPU per heartbeat, us (user + sys, whole process)")
     left.set_title("CPU per heartbeat (median, min-max)", fontsize=10)
-    left.legend(fontsize=7, loc="upper right")
+    handles, names = left.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8)
     left.grid(axis="y", alpha=0.3)
     x = range(len(rates))
     for (_, _, name), ax, color in (
@@ -408,6 +409,6 @@ def plot(res: dict[str, Any], path: Path) -> None:
         "under circusd",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
