@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="offered rates, comma-separated, heartbeats/s or 'max' "
         "(default: 50000,100000,200000,max)",
     )
-    p.add_argument("--window", type=float, default=5.0, help="seconds per window (5)")
+    p.add_argument("--window", type=float, default=8.0, help="seconds per window (8)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions (3)")
     p.add_argument("--procs", type=int, default=200, help="fleet processes (200)")
     p.add_argument(
@@ -53,7 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "0 to skip (1000)",
     )
     p.add_argument(
-        "--low-window", type=float, default=10.0, help="seconds per low-rate window"
+        "--low-window",
+        type=float,
+        default=20.0,
+        help="seconds per low-rate window (20)",
     )
     p.add_argument(
         "--zero-loss",
