@@ -7,6 +7,8 @@ the plugin (CIRCUS_WATCHDOG_NO_EXTENSIONS), and checked in ``/status``.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from support import (
     free_port,
     free_udp_port,
     hang_times,
+    kills,
     metric,
     process_gone,
     use_core,
@@ -234,7 +237,8 @@ numprocesses = 1
     assert circusd.pids("web") == web
     series = fetch_metrics(port)
     assert series is not None
-    assert not any(name.startswith("circus_watchdog_kills_total{") for name in series)
+    assert kills(series) == {}
+    assert metric(series, "kills_total", watcher="web") == 0  # there, at 0
 
     circusd.call("quit")
     wait_for(lambda: process_gone(plugin), timeout=EXIT_BOUND)
@@ -266,3 +270,57 @@ metrics_port = {port}
     wait_for(lambda: process_gone(plugin), timeout=EXIT_BOUND)
     text = circus_log.read_text()
     assert f"circusd (pid {circusd_pid}) is gone: exiting" in text
+
+
+# -- a plugin that cannot start (fast, in-process; tests/test_plugin_startup.py
+# runs it on real circusds) ---------------------------------------------------
+
+
+@pytest.fixture
+def idle_plugin(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A WatchDog with a bad option, repeating its error every 0.1 s, logging
+    through pytest's handlers (not where a circusd would be)."""
+    from circus_watchdog import logs, plugin
+
+    monkeypatch.setattr(plugin, "REPEAT_EVERY", 0.1)
+    monkeypatch.setattr(plugin, "PARENT_CHECK", 0.01)
+    monkeypatch.setattr(logs, "configure_plugin_default", lambda: None)
+    return plugin.WatchDog("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", 1.0, max_count="0")
+
+
+def start_in_thread(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def reports(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_cannot_start_repeats_its_error_until_stopped(
+    idle_plugin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = start_in_thread(idle_plugin.start)
+    wait_for(lambda: len(reports(caplog)) >= 3, timeout=10)
+    assert idle_plugin.running
+    idle_plugin.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not idle_plugin.running
+    expected = (
+        "circus-watchdog cannot start: invalid max_count (--max-count): expected "
+        "an integer >= 1, got '0'; nothing is watched (repeated every 0.1 s until "
+        "the plugin is fixed and restarted)"
+    )
+    assert set(reports(caplog)) == {expected}
+
+
+def test_cannot_start_exits_when_circusd_is_gone(
+    idle_plugin: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thread = start_in_thread(idle_plugin.start)
+    wait_for(lambda: reports(caplog), timeout=10)
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented: circusd died
+    thread.join(5)
+    assert not thread.is_alive()

@@ -138,7 +138,7 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
             if now >= next_report:
                 logger.error(
                     "circus-watchdog cannot start: %s; nothing is watched "
-                    "(repeated every %d s until the plugin is fixed and restarted)",
+                    "(repeated every %g s until the plugin is fixed and restarted)",
                     error,
                     REPEAT_EVERY,
                 )
