@@ -285,6 +285,7 @@ def idle_plugin(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(plugin, "REPEAT_EVERY", 0.1)
     monkeypatch.setattr(plugin, "PARENT_CHECK", 0.01)
     monkeypatch.setattr(logs, "configure_plugin_default", lambda: None)
+    monkeypatch.setattr(logs, "configure", lambda config, plugin: None)
     return plugin.WatchDog("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", 1.0, max_count="0")
 
 

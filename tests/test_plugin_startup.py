@@ -219,14 +219,15 @@ def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
 
 
 def test_daemon(launch: Launch, tmp_path: Path) -> None:
-    """``circusd --daemon --log-output FILE`` (a daemon's stderr is /dev/null)."""
-    log = tmp_path / "circusd.log"
-    circusd = launch(
-        plugin_section("max_count = 0"), "--daemon", "--log-output", str(log)
-    )
+    """``circusd --daemon --log-output FILE`` (a daemon's stderr is /dev/null).
+    The plugin's own log_output, good while max_count is bad, gets the line too."""
+    log, own = tmp_path / "circusd.log", tmp_path / "own.log"
+    section = plugin_section(f"max_count = 0\nlog_output = {own}")
+    circusd = launch(section, "--daemon", "--log-output", str(log))
     check_reported_once_and_idle(
         log, circusd.plugin_pids, "invalid max_count (--max-count): ", "got '0'"
     )
+    assert error_lines(own) == error_lines(log)
 
 
 def test_logs_visible_by_default_and_log_output_honoured(

@@ -19,6 +19,7 @@ logger = logging.getLogger("circus.watchdog")
 
 REPEAT_EVERY = 60  # seconds between repeats of a start-up error
 PARENT_CHECK = 1.0  # seconds between checks that circusd is still there
+LOG_OPTIONS = ("log_level", "log_output")
 
 
 class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
@@ -115,13 +116,18 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
             self.running = False
 
     def _configure_logging(self) -> Config | None:
-        if self.watchdog_config is not None:
-            try:
-                logs.configure(self.watchdog_config, plugin=True)
-                return self.watchdog_config
-            except ConfigError as exc:
-                self.error = str(exc)
-        logs.configure_plugin_default()
+        """Log as configured and return the config; else report why, and idle."""
+        config = self.watchdog_config
+        try:
+            if config is not None:
+                logs.configure(config, plugin=True)
+                return config
+            # Another option is bad: log_output and log_level may still be good.
+            options = {k: v for k, v in self.config.items() if k in LOG_OPTIONS}
+            logs.configure(Config.from_options(options), plugin=True)
+        except ConfigError as exc:
+            self.error = self.error or str(exc)
+            logs.configure_plugin_default()
         self._idle(self.error or "no configuration")
         return None
 
