@@ -80,6 +80,7 @@ metrics_port = {metrics}
 
 def wait_status(circusd: Circusd, port: int, core_tag: str) -> dict[str, Any]:
     status = circusd.wait_for(lambda: fetch_status(port), timeout=15)
+    assert status is not None  # wait_for returns only a truthy value
     assert f" core={core_tag} " in status["version"]
     return status
 
