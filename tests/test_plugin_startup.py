@@ -206,8 +206,8 @@ def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
         check_reported_once_and_idle(
             log,
             circusd.plugin_pids,
-            f"ip 127.0.0.1 port {port}: ",
-            "Address already in use",
+            f"{ERROR}cannot bind the heartbeat socket to ip 127.0.0.1 port {port}: "
+            "Address already in use; nothing is watched",
         )
     # Fixed and reloaded (circus gives the new plugin no --log-output then):
     # it starts, and says so in the same log.

@@ -111,7 +111,7 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
                     stop_setter=self._set_stopper,
                 )
             except OSError as exc:
-                self._idle(str(exc))
+                self._idle(_without_errno(exc))
         finally:
             self.running = False
 
@@ -159,3 +159,11 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         self._stopped.set()
         if self._stop is not None:
             self._stop()
+
+
+def _without_errno(exc: OSError) -> str:
+    """The message of an OSError that names its option, without "[Errno N]"."""
+    plain = os.strerror(exc.errno) if exc.errno else None
+    if exc.strerror and exc.strerror != plain:
+        return str(exc.strerror)
+    return str(exc)
