@@ -65,6 +65,20 @@ def test_version(core_tag: str) -> None:
     assert re.fullmatch(pattern, out.stdout.strip()), out.stdout
 
 
+def run_command(*flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command(), *flags], capture_output=True, text=True, timeout=30
+    )
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a failed start, without its prefix."""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("circus-watchdog: error: "), lines[0]
+    return lines[0].removeprefix("circus-watchdog: error: ")
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -73,17 +87,37 @@ def test_version(core_tag: str) -> None:
         (["--msg-regex", "^(.*);(.*)$"], "invalid msg_regex (--msg-regex)"),
         (["--port", "70000"], "invalid port (--port)"),
         (["--lop-rate", "1"], "unrecognized arguments: --lop-rate"),
+        (["--loop-rat", "5"], "unrecognized arguments: --loop-rat 5"),  # no abbrev
+        (["--loop-rate"], "argument --loop-rate/: expected one argument"),
+        (["--endpoint", "bogus://x"], "invalid endpoint (--endpoint)"),
+        (["--endpoint", "tcp://nohost"], "invalid endpoint (--endpoint)"),
+        (["--endpoint", "tcp://127.0.0.1"], "invalid endpoint (--endpoint)"),
+        (["--endpoint", "ipc://"], "invalid endpoint (--endpoint)"),
+        (["--pubsub", "bogus://x"], "invalid pubsub_endpoint (--pubsub)"),
+        (["--log-output", "/nonexistent/d/wd.log"], "invalid log_output"),
+        (["--log-level", "loud"], "invalid log_level (--log-level)"),
+        (["--diagnostic-command", "dump {foo}"], "invalid diagnostic_command"),
+        (["--circus-ini", "/nonexistent/circus.ini"], "invalid --circus-ini"),
+        (["--section", "watchdog"], "invalid --section 'watchdog'"),
     ],
 )
 def test_wrong_option_exits_2_naming_it(
     core_tag: str, flags: list[str], named: str
 ) -> None:
-    out = subprocess.run(
-        [*command(), *flags], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 2
-    assert named in out.stderr
+    out = run_command(*flags)
+    assert out.returncode == 2, out.stderr
+    message = one_line_error(out)
+    assert message.startswith(named.replace("/", ""))
+    assert message.endswith(" (see --help)")
+    if flags[1:]:
+        assert repr(flags[-1]) in message or flags[-1] in message  # the value
     assert out.stdout == ""
+
+
+def test_help_exits_0() -> None:
+    out = run_command("--help")
+    assert out.returncode == 0 and out.stderr == ""
+    assert "--metrics-host" in out.stdout and "--section" in out.stdout
 
 
 def test_port_taken_exits_1_naming_it(core_tag: str) -> None:
@@ -91,14 +125,27 @@ def test_port_taken_exits_1_naming_it(core_tag: str) -> None:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         # circusd need not be up: the socket is bound first.
-        out = subprocess.run(
-            [*command(), "--port", str(port), "--endpoint", "tcp://127.0.0.1:1"],
-            capture_output=True,
-            text=True,
-            timeout=30,
+        out = run_command("--port", str(port), "--endpoint", "tcp://127.0.0.1:1")
+    assert out.returncode == 1
+    assert f"ip 127.0.0.1 port {port}" in one_line_error(out)
+
+
+def test_metrics_port_taken_exits_1_naming_it(core_tag: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_command(
+            *("--metrics-port", str(port), "--endpoint", "tcp://127.0.0.1:1"),
+            *("--port", "0", "--unix-socket", str(tmp_path / "wd.sock")),
+            *("--log-output", str(tmp_path / "wd.log")),
         )
     assert out.returncode == 1
-    assert f"ip 127.0.0.1 port {port}" in out.stdout + out.stderr
+    message = one_line_error(out)
+    assert message.startswith(f"metrics_port: cannot listen on 127.0.0.1:{port}")
+    # The log file has it too, as its last line.
+    log = (tmp_path / "wd.log").read_text().splitlines()
+    assert log[-1].endswith(message), log
 
 
 # -- beside a real circusd --------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import inspect
 import logging
@@ -19,19 +20,16 @@ from circus.plugins import _str2cfg, get_plugin_cmd
 from circus.plugins.watchdog import WatchDog
 from circus.watcher import Watcher
 
+from circus_watchdog import circus_ini
 from circus_watchdog import config as config_module
-from circus_watchdog.config import (
-    DEFAULT_MSG_REGEX,
-    Config,
-    ConfigError,
-    add_arguments,
-    read_circus_ini,
-)
+from circus_watchdog.circus_ini import config_from_args, read_circus_ini
+from circus_watchdog.config import DEFAULT_MSG_REGEX, Config, ConfigError
 
 NAMES = [f.name for f in dataclasses.fields(Config)]
 ENDPOINTS = {"endpoint", "pubsub_endpoint"}
 BOOLEANS = {"dry_run", "storm_guard", "include_circus"}
 LOGGER = "circus_watchdog.config"
+INI_LOGGER = "circus_watchdog.circus_ini"
 
 
 def flag(name: str) -> str:
@@ -40,8 +38,8 @@ def flag(name: str) -> str:
 
 def parse_cli(*argv: str) -> Config:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return Config.from_args(parser.parse_args(argv))
+    circus_ini.add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
 
 
 def original(options: dict[str, str]) -> dict[str, Any]:
@@ -188,7 +186,14 @@ BAD = [
     ("log_level", "loud"),
     ("log_output", ""),
     ("endpoint", "127.0.0.1:5555"),
+    ("endpoint", "bogus://x"),
+    ("endpoint", "tcp://nohost"),
+    ("endpoint", "tcp://127.0.0.1"),
+    ("endpoint", "tcp://127.0.0.1:0"),
+    ("endpoint", "tcp://no-such-host.invalid:5555"),
+    ("endpoint", "ipc://"),
     ("pubsub_endpoint", ""),
+    ("pubsub_endpoint", "udp://127.0.0.1:5556"),
     ("tick", "0"),
     ("tick", "181"),
     ("budget", "0"),
@@ -341,14 +346,16 @@ def test_log_level_is_case_insensitive() -> None:
 
 def test_every_flag_has_help_with_default() -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    circus_ini.add_arguments(parser)
     actions = {a.dest: a for a in parser._actions}
     for name in NAMES:
         assert flag(name) in actions[name].option_strings
         assert "(default: " in (actions[name].help or "")
         assert actions[name].default is None  # so given flags can be told apart
     assert "--circus-ini" in actions["circus_ini"].option_strings
-    assert actions["section"].default == "plugin:watchdog"
+    assert actions["section"].default is None  # plugin:watchdog, with --circus-ini
+    with pytest.raises(ConfigError, match=r"^invalid --section 'x': needs --circus"):
+        parse_cli("--section", "x")
 
 
 INI = r"""
@@ -403,7 +410,7 @@ def test_ini_matches_what_circus_passes(tmp_path: Path) -> None:
     path = write_ini(tmp_path, INI)
     passed = what_circus_passes(path)
     ini = read_circus_ini(path)
-    assert ini._asdict() == passed
+    assert ini._asdict() == {**passed, "source": f"[plugin:watchdog] of {path}"}
     assert ini.options["watchers_regex"] == "^(web|api)$"  # quotes gone
     assert ini.options["msg_regex"] == PLAIN_OPTIONS["msg_regex"]  # "\d" kept
 
@@ -432,7 +439,7 @@ def test_ini_unquoted_backslash(
         msg_regex = ^(?P<pid>\d+);(?P<timestamp>.*)$
         """,
     )
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
+    with caplog.at_level(logging.WARNING, logger=INI_LOGGER):
         options = read_circus_ini(path).options
     # Faithful to circus, which hands the original plugin "d+", not "\d+".
     assert options == what_circus_passes(path)["options"]
@@ -453,7 +460,7 @@ def test_ini_empty_value_swallows_next(
         max_count = 5
         """,
     )
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
+    with caplog.at_level(logging.WARNING, logger=INI_LOGGER):
         options = read_circus_ini(path).options
     assert options == what_circus_passes(path)["options"]
     assert "max_count" not in options
@@ -526,6 +533,80 @@ def test_ini_bad_value_names_option(tmp_path: Path) -> None:
     path = write_ini(tmp_path, "[plugin:watchdog]\nmax_count = many\n")
     with pytest.raises(ConfigError, match=r"invalid max_count \(--max-count\)"):
         parse_cli("--circus-ini", path)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://localhost:1", "ipc:///x"],
+)
+def test_usable_endpoints(endpoint: str) -> None:
+    cfg = Config.from_options({}, endpoint=endpoint, pubsub_endpoint=endpoint)
+    assert cfg.endpoint == cfg.pubsub_endpoint == endpoint
+
+
+WATCHDOG_SECTION = r"""
+[circus]
+endpoint = tcp://127.0.0.1:6555
+
+[env]
+RATE = 4
+
+[watcher:watchdog]
+cmd = circus-watchdog --circus-ini this.ini --section watchdog
+
+[watchdog]
+watchers_regex = "^(web|api)$"
+msg_regex = ^(?P<pid>\d+);(?P<timestamp>.*)$
+loop_rate = $(circus.env.rate)
+dry_run = yes
+"""
+
+
+def test_any_section_is_read_as_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_ini(tmp_path, WATCHDOG_SECTION)
+    with caplog.at_level(logging.WARNING):
+        ini = read_circus_ini(path, "watchdog")
+        cfg = parse_cli("--circus-ini", path, "--section", "watchdog")
+    assert not caplog.records  # nothing lost in transit, no unknown keys
+    # Enclosing quotes removed as in a plugin section, but no command line in
+    # between: an unquoted backslash is kept, [env] is substituted.
+    assert ini.options == {
+        "watchers_regex": "^(web|api)$",
+        "msg_regex": r"^(?P<pid>\d+);(?P<timestamp>.*)$",
+        "loop_rate": "4",
+        "dry_run": "yes",
+    }
+    assert (ini.endpoint, ini.source) == (
+        "tcp://127.0.0.1:6555",
+        f"[watchdog] of {path}",
+    )
+    assert (cfg.loop_rate, cfg.dry_run, cfg.endpoint) == (4.0, True, ini.endpoint)
+
+
+def test_plain_section_errors_name_the_option(tmp_path: Path) -> None:
+    spaced = r'"^(?P<pid>\d+) (?P<timestamp>\S+)$"'
+    path = write_ini(tmp_path, f"[watchdog]\nmsg_regex = {spaced}\n")
+    ini = read_circus_ini(path, "watchdog")
+    assert ini.options == {"msg_regex": spaced[1:-1]}  # what a plugin would get
+    path = write_ini(tmp_path, "[watchdog]\nmax_count = 0\n[other]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"^invalid max_count \(--max-count\)"):
+        parse_cli("--circus-ini", path, "--section", "watchdog")
+    with pytest.raises(ConfigError) as error:
+        parse_cli("--circus-ini", path, "--section", "nope")
+    assert str(error.value) == (
+        f"invalid --section: expected a section of {path!r} "
+        "(present: [watchdog], [other]), got 'nope'"
+    )
+
+
+def test_config_module_does_not_read_circus_ini() -> None:
+    # Only circus_ini.py imports circus's reader and its private helpers.
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported.isdisjoint({"circus.config", "circus.plugins"})
+    assert imported >= {"circus.util"}  # the check sees the imports
 
 
 def test_ip_accepts_a_host_name_like_the_original() -> None:

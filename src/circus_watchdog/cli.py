@@ -1,26 +1,43 @@
-"""``circus-watchdog``: the standalone daemon, and ``circus-watchdog demo``."""
+"""``circus-watchdog``: the standalone daemon, and ``circus-watchdog demo``.
+
+Exit status: 0 after SIGINT or SIGTERM; 2 for bad usage or a bad value (one
+line on stderr naming the option and the value); 1 when the daemon cannot run
+(a taken port, say: one line naming the option).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
-from circus.util import configure_logger
-
-from . import runner
-from .config import Config, ConfigError, add_arguments
+from . import compiled, logs, runner
+from .circus_ini import add_arguments, config_from_args
+from .config import ConfigError
 
 logger = logging.getLogger("circus.watchdog")
+
+USAGE_ERROR = 2
+RUNTIME_ERROR = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line per error instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The standalone daemon's argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="circus-watchdog",
         description="Kill circus processes that stop sending heartbeats. "
-        "Runs beside circusd; exits 0 on SIGINT or SIGTERM.",
+        "Runs beside circusd; exits 0 on SIGINT or SIGTERM, 2 on a bad option, "
+        "1 when it cannot run.",
         epilog="circus-watchdog demo [--duration S]: a live demo on a real circusd",
+        allow_abbrev=False,  # --loop-rat must not pass for --loop-rate
     )
     parser.add_argument("--version", action="version", version=runner.describe())
     add_arguments(parser)
@@ -37,15 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(args)
     try:
-        config = Config.from_args(ns)
+        config = config_from_args(ns)
+        logs.configure(config)
     except ConfigError as exc:
-        parser.error(str(exc))  # exits 2 with the message naming the option
-    configure_logger(logging.getLogger(), config.log_level, config.log_output)
+        parser.error(str(exc))
+    if not compiled:
+        logger.warning(
+            "running the pure-Python core (CIRCUS_WATCHDOG_NO_EXTENSIONS set, or "
+            "built without a C compiler): several times more CPU per heartbeat"
+        )
     try:
         runner.run(config)
-    except OSError as exc:
-        logger.error("%s", exc)
-        return 1
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except OSError as exc:  # its message names the option (port, metrics_port...)
+        if config.log_output != logs.STDOUT:  # else it would show twice
+            logger.error("%s", exc)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return RUNTIME_ERROR
     return 0
 
 

@@ -8,7 +8,6 @@ alike, so the three sources cannot disagree.
 from __future__ import annotations
 
 import argparse
-import configparser
 import difflib
 import ipaddress
 import logging
@@ -23,26 +22,24 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from circus.config import get_config
-from circus.plugins import _cfg2str, _str2cfg
 from circus.util import LOG_LEVELS, to_bool, to_signum
+
+if TYPE_CHECKING:
+    from .circus_ini import CircusIni
 
 __all__ = (
     "DEFAULT_MSG_REGEX",
-    "DEFAULT_SECTION",
-    "CircusIni",
     "Config",
     "ConfigError",
     "add_arguments",
-    "read_circus_ini",
+    "describe_option",
 )
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MSG_REGEX = "^(?P<pid>.*);(?P<timestamp>.*)$"
-DEFAULT_SECTION = "plugin:watchdog"
 
 # Keys circus itself reads from a [plugin:NAME] section, so the original plugin
 # never sees them as its own: `use` (plugins.get_plugin_cmd), `name`, `priority`
@@ -208,9 +205,26 @@ def _text(raw: str) -> str:
 
 
 def _endpoint(raw: str) -> str:
+    # Checked at start-up: zmq refuses an unknown transport, a tcp address
+    # without a port and an ipc endpoint without a path only at connect time,
+    # deep in the engine, and accepts a host that does not resolve, then
+    # retries it forever in silence.
+    expected = "a ZeroMQ endpoint tcp://HOST:PORT or ipc://PATH"
     scheme, sep, address = raw.partition("://")
-    if not (scheme and sep and address):
-        raise ValueError("a ZeroMQ endpoint such as tcp://127.0.0.1:5555")
+    if sep and scheme == "ipc" and address:
+        return raw
+    if not (sep and scheme == "tcp"):
+        raise ValueError(expected)
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (colon and host and port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(expected + " (with a port from 1 to 65535)")
+    try:
+        socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        raise ValueError(
+            f"{expected} whose HOST resolves ({host!r} does not)"
+        ) from None
     return raw
 
 
@@ -548,14 +562,11 @@ class Config:
         return cls._from_strings(values)
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> Config:
-        """Build from parsed flags, over the --circus-ini section when given."""
+    def from_args(cls, ns: argparse.Namespace, ini: CircusIni | None = None) -> Config:
+        """Build from parsed flags, over the options and endpoints of ``ini``."""
         values: dict[str, str] = {}
-        path = getattr(ns, "circus_ini", None)
-        if path is not None:
-            section = getattr(ns, "section", DEFAULT_SECTION)
-            ini = read_circus_ini(path, section)
-            values = _known_options(ini.options, f"[{section}] of {path}")
+        if ini is not None:
+            values = _known_options(ini.options, ini.source)
             values["endpoint"] = ini.endpoint
             values["pubsub_endpoint"] = ini.pubsub_endpoint
         for name in _OPTIONS:
@@ -602,6 +613,11 @@ def _flag(name: str) -> str:
     return _OPTIONS[name].flag or "--" + name.replace("_", "-")
 
 
+def describe_option(key: str) -> str:
+    """``key (--flag)`` for one of our options, else ``key``: for error messages."""
+    return f"{key} ({_flag(key)})" if key in _OPTIONS else key
+
+
 def _invalid(name: str, expected: str, raw: str) -> str:
     return f"invalid {name} ({_flag(name)}): expected {expected}, got {raw!r}"
 
@@ -632,7 +648,7 @@ def _describe_unknown(key: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add a flag for every option, plus --circus-ini and --section."""
+    """Add a flag for every option (circus_ini.add_arguments adds the file's)."""
     for name, option in _OPTIONS.items():
         # Every default is None so that from_args can tell given flags from the
         # rest: the real defaults live in Config alone.
@@ -654,97 +670,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar=option.metavar,
                 help=help_text,
             )
-    parser.add_argument(
-        "--circus-ini",
-        metavar="PATH",
-        help="read the endpoints from [circus] and the options from --section of "
-        "this circus.ini, as circusd would pass them; flags override it "
-        "(default: none)",
-    )
-    parser.add_argument(
-        "--section",
-        default=DEFAULT_SECTION,
-        metavar="NAME",
-        help=f"plugin section of --circus-ini to read (default: {DEFAULT_SECTION})",
-    )
-
-
-class CircusIni(NamedTuple):
-    """What circusd would hand a plugin from one section of a circus.ini."""
-
-    options: dict[str, str]
-    endpoint: str
-    pubsub_endpoint: str
-
-
-def read_circus_ini(path: str, section: str = DEFAULT_SECTION) -> CircusIni:
-    """Read a circus.ini as circusd does; the options as the plugin receives them."""
-    try:
-        # circus's own reader: includes, [env] and $(circus.env.*) substitution.
-        circus_cfg = get_config(path)
-    except (OSError, configparser.Error, ValueError) as exc:
-        raise ConfigError(
-            f"invalid --circus-ini: expected a readable circus.ini, got {path!r} "
-            f"({exc})"
-        ) from None
-    plugins = {plugin["name"]: plugin for plugin in circus_cfg["plugins"]}
-    if section not in plugins:
-        present = ", ".join(f"[{name}]" for name in plugins) or "none"
-        raise ConfigError(
-            f"invalid --section: expected a plugin section of {path!r} "
-            f"(present: {present}), got {section!r}"
-        )
-    return CircusIni(
-        _as_plugin_receives(plugins[section], f"[{section}] of {path}"),
-        circus_cfg["endpoint"],
-        circus_cfg["pubsub_endpoint"],
-    )
-
-
-def _as_plugin_receives(plugin: Mapping[str, Any], source: str) -> dict[str, str]:
-    """Pass a section through circus's plugin command line, as circusd does.
-
-    circus.plugins.get_plugin_cmd drops `use` and joins the rest into one
-    `--config key:value:::...` word of a command line that the plugin's watcher
-    splits with shlex.split (circus/process.py): quotes are removed, unquoted
-    backslashes are dropped and unquoted whitespace splits the word, which
-    breaks the plugin's own argument parsing.
-    """
-    section = {key: value for key, value in plugin.items() if key != "use"}
-    written: dict[str, str] = {}
-    for key, value in section.items():
-        try:
-            words = shlex.split(f"{key}:{value}")
-        except ValueError:  # an unpaired quote
-            words = []
-        if len(words) != 1:
-            name = f"{key} ({_flag(key)})" if key in _OPTIONS else key
-            raise ConfigError(
-                f"invalid {name} in {source}: expected a value that circus can put "
-                "on the plugin's command line (double-quote values with spaces, "
-                f"pair the quotes), got {value!r}"
-            )
-        written[key] = words[0].partition(":")[2].strip()
-        text = str(value)
-        if "\\" in text and not any(q in text for q in "\"'") and written[key] != text:
-            logger.warning(
-                "%s in %s reaches the plugin as %r: circus drops unquoted "
-                "backslashes; double-quote the value to keep them",
-                key,
-                source,
-                written[key],
-            )
-    if not section:
-        return {}
-    (word,) = shlex.split(_cfg2str(section))
-    received: dict[str, str] = _str2cfg(word)
-    changed = sorted(key for key in written if received.get(key) != written[key])
-    if changed:
-        logger.warning(
-            "circus does not pass %s of %s to the plugin as written: an empty "
-            "value swallows the option after it and ':::' splits a value; delete "
-            "empty options instead",
-            ", ".join(changed),
-            source,
-        )
-    return received
