@@ -180,3 +180,32 @@ def test_plugin_default_writes_to_parent_stderr(
         os.dup2(saved, 2)
         os.close(saved)
     assert "[ERROR] invalid max_count (--max-count): ... got '0'" in err.read_text()
+
+
+def test_plugin_default_when_circusd_stderr_is_a_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """circusd's stderr a socket (systemd's journal): it cannot be reopened
+    (ENXIO), so the line goes to the local syslog socket (here a stand-in)."""
+    if not os.path.exists(f"/proc/{os.getpid()}/fd/2"):
+        pytest.skip("no /proc")
+    dev_log = str(tmp_path / "log")
+    journal, other_end = socket.socketpair()
+    saved = os.dup(2)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog, journal, other_end:
+        syslog.bind(dev_log)
+        syslog.settimeout(5)
+        monkeypatch.setattr(logs, "DEV_LOG", dev_log)
+        monkeypatch.setattr(os, "getppid", os.getpid)
+        monkeypatch.setattr(logs, "_read_cmdline", lambda pid: ["circusd", "c.ini"])
+        monkeypatch.setattr(sys, "argv", ["-c"])
+        try:
+            os.dup2(journal.fileno(), 2)
+            logs.configure_plugin_default()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        logger.error("cannot start")
+        data = syslog.recv(4096)
+    assert data.startswith(b"<11>")  # user * 8 + error
+    assert b"[ERROR] cannot start" in data
