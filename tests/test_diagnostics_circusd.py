@@ -85,22 +85,22 @@ def docs_options() -> dict[str, str]:
     return dict(ini["plugin:watchdog"])
 
 
-def py_spy_works(tmp_path: Path) -> str | None:
+def py_spy_works() -> str | None:
     """None if py-spy can dump a child of ours; else why not."""
     if not PY_SPY.exists():
         return f"py-spy is not installed next to {sys.executable}"
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        time.sleep(0.5)
-        probe = subprocess.run(
-            [str(PY_SPY), "dump", "--pid", str(child.pid)],
-            capture_output=True,
-            timeout=20,
-            text=True,
-        )
-    finally:
-        child.kill()
-        child.wait()
+    argv = [sys.executable, "-c", "import time; print(1, flush=True); time.sleep(30)"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"1\n"
+            probe = subprocess.run(
+                [str(PY_SPY), "dump", "--pid", str(child.pid)],
+                capture_output=True,
+                timeout=20,
+                text=True,
+            )
+        finally:
+            child.kill()
     if probe.returncode != 0:
         return (
             "py-spy cannot attach here (ptrace not permitted?): "
@@ -118,7 +118,7 @@ def gone_within(circusd: Circusd, watcher: str, pid: int, bound: float) -> float
 def test_py_spy_capture_names_the_hung_function(
     circusd_factory: Start, standalone: Callable[..., Standalone], tmp_path: Path
 ) -> None:
-    why = py_spy_works(tmp_path)
+    why = py_spy_works()
     if why is not None:
         pytest.skip(why)
     options = docs_options()  # the documented example, run as written
