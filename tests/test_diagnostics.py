@@ -427,3 +427,59 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
     diag.record(pid, "web", report, "killed")
     assert diag.recent_kills()[0]["capture"] == report.capture
     assert (metrics.captures, metrics.capture_failures) == (1, {})
+
+
+# -- the killer inspects only circusd's own children ------------------------------
+
+
+class Dstats:
+    """A circusd client that answers ``dstats`` with ``pid`` (and ok to the rest)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.calls: list[str] = []
+
+    async def call(self, command: str, **props: object) -> dict[str, object]:
+        self.calls.append(command)
+        if command == "dstats":
+            return {"status": "ok", "info": {"pid": self.pid}}
+        return {"status": "ok"}
+
+
+@pytest.mark.parametrize("circusd_is_parent", [True, False])
+def test_killer_inspects_only_children_of_circusd(  # type: ignore[no-untyped-def]
+    circusd_is_parent, spawn, tmp_path, caplog
+):
+    from circus_watchdog._core import HeartbeatTable
+    from circus_watchdog.killer import Killer
+    from circus_watchdog.registry import Registry
+
+    pid = start(spawn, "sleep", "60")  # our child: we play circusd
+    wait_for(lambda: state_of(pid) == "S", timeout=BOUND)
+    marker = tmp_path / "ran"
+    config = Config.from_options(
+        {"loop_rate": "1", "diagnostic_command": f"touch {marker}"},
+        endpoint="tcp://127.0.0.1:5555",
+    )
+    registry = Registry(
+        HeartbeatTable(config.timeout, config.tick), config, self_pids=[]
+    )
+    registry.apply_listing({"web": [pid]}, 0.0, fresh=True)
+    # Another pid namespace looks like this: circusd's pid is not the parent.
+    client = Dstats(os.getpid() if circusd_is_parent else 1)
+    killer = Killer(client, registry, Metrics(), config, local=True)  # type: ignore[arg-type]
+
+    async def dry_run() -> None:
+        killer.kill(pid, "web", 5.0, dry_run=True)
+        await asyncio.gather(*killer._tasks)
+
+    with caplog.at_level(logging.WARNING, "circus.watchdog"):
+        run(asyncio.new_event_loop, dry_run())
+    kill = killer.diagnostics.recent_kills()[0]
+    assert (kill["pid"], kill["outcome"]) == (pid, "dry_run")
+    assert client.calls == ["dstats"]
+    if circusd_is_parent:
+        assert kill["state"] == "S" and marker.exists()
+    else:
+        assert kill["state"] is None and not marker.exists()
+        assert "is not circusd (pid 1): another pid namespace?" in caplog.text

@@ -616,40 +616,54 @@ class Diagnostics:
             self.sampler.sample(table, now)
 
     async def before_kill(
-        self, pid: int, watcher: str, timeout: float, now: float, *, dry_run: bool
+        self,
+        pid: int,
+        watcher: str,
+        timeout: float,
+        now: float,
+        *,
+        dry_run: bool,
+        inspect: bool = True,
     ) -> KillReport:
         """Snapshot ``pid``, log the kill line, run the capture, write the file.
 
-        Returns within ``diagnostic_timeout`` (plus a second to reap) and never
-        raises but CancelledError.
+        ``inspect`` false (the pid is not known to be circusd's here) leaves
+        out the snapshot and the capture.  Returns within
+        ``diagnostic_timeout`` (plus a second to reap) and never raises but
+        CancelledError.
         """
+        inspect = inspect and self.local
         when = time.time()
         base = self.sampler.baseline(pid)
         self.sampler.forget(pid)
         silent = timeout if base is None else max(timeout, now - base.beat)
         snapshot = (
-            Snapshot.take(pid, base, now, self.proc) if self.local else Snapshot(pid)
+            Snapshot.take(pid, base, now, self.proc) if inspect else Snapshot(pid)
         )
         line = kill_line(watcher, pid, silent, timeout, snapshot, dry_run=dry_run)
         logger.warning("%s", line)
-        capture = None
-        if self.runner is not None:
-            capture = await self.runner.run(pid, watcher)
-            if capture.outcome == "made":
-                text = capture.output.decode("utf-8", "replace")
-                logger.info(
-                    "diagnostic capture of %s pid %d (%s):\n%s%s",
-                    watcher,
-                    pid,
-                    shlex.join(capture.argv),
-                    text[:LOG_CAP],
-                    "\n[... truncated]" if len(text) > LOG_CAP else "",
-                )
+        capture = await self._capture(pid, watcher) if inspect else None
         path = None
         if self.store is not None:
             body = capture_file(when, watcher, pid, line, snapshot, capture)
             path = await asyncio.to_thread(self.store.write, when, watcher, pid, body)
         return KillReport(when, silent, snapshot, path)
+
+    async def _capture(self, pid: int, watcher: str) -> Capture | None:
+        if self.runner is None:
+            return None
+        capture = await self.runner.run(pid, watcher)
+        if capture.outcome == "made":
+            text = capture.output.decode("utf-8", "replace")
+            logger.info(
+                "diagnostic capture of %s pid %d (%s):\n%s%s",
+                watcher,
+                pid,
+                shlex.join(capture.argv),
+                text[:LOG_CAP],
+                "\n[... truncated]" if len(text) > LOG_CAP else "",
+            )
+        return capture
 
     def record(self, pid: int, watcher: str, report: KillReport, outcome: str) -> None:
         """Add a kill to ``recent_kills`` (``outcome``: killed, failed, dry_run)."""

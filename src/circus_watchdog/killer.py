@@ -3,7 +3,9 @@
 Before each kill, and each dry-run report, ``Diagnostics`` snapshots the
 process, logs the kill line, runs ``diagnostic_command`` (bounded by
 ``diagnostic_timeout``) and writes the capture file; the kill is recorded in
-``recent_kills`` with its outcome.
+``recent_kills`` with its outcome.  A local endpoint does not prove that
+circusd's pids are ours (it may run in another pid namespace), so a pid is
+inspected only if its parent here is circusd, whose pid ``dstats`` tells.
 
 circusd answers ``kill`` once the process is gone (up to its
 graceful_timeout later, when it SIGKILLs), but it also answers "ok" for a pid
@@ -20,6 +22,7 @@ import logging
 import time
 from typing import Any
 
+from .ancestry import parent_pid
 from .circusd import CircusError
 from .config import Config
 from .diagnostics import Diagnostics, KillReport, Snapshot
@@ -71,6 +74,7 @@ class Killer:
         self.config = config
         self.local = local  # circusd's pids are ours to check in /proc
         self.diagnostics = Diagnostics(config, metrics, local=local)
+        self._circusd_pid = 0  # as circusd's dstats last told it; 0: unknown
         self._tasks: set[asyncio.Task[None]] = set()
 
     def kill(self, pid: int, watcher: str, now: float, *, dry_run: bool) -> None:
@@ -114,12 +118,40 @@ class Killer:
     ) -> KillReport:
         timeout = self.config.timeout_of(watcher)
         try:
+            ours = self.local and await self._child_of_circusd(pid, watcher)
             return await self.diagnostics.before_kill(
-                pid, watcher, timeout, now, dry_run=dry_run
+                pid, watcher, timeout, now, dry_run=dry_run, inspect=ours
             )
         except Exception:  # a bug there must never stop the kill
             logger.exception("diagnostics of %s pid %d failed", watcher, pid)
             return KillReport(time.time(), timeout, Snapshot(pid), None)
+
+    async def _child_of_circusd(self, pid: int, watcher: str) -> bool:
+        parent = parent_pid(pid)
+        if parent == 0:
+            return False  # gone, or not visible here
+        if parent != self._circusd_pid:  # unknown yet, or circusd restarted
+            self._circusd_pid = await self._ask_circusd_pid()
+        if parent == self._circusd_pid:
+            return True
+        logger.warning(
+            "%s pid %d: its parent here (pid %d) is not circusd (pid %s): another "
+            "pid namespace? No snapshot and no capture of it",
+            watcher,
+            pid,
+            parent,
+            self._circusd_pid or "unknown",
+        )
+        return False
+
+    async def _ask_circusd_pid(self) -> int:
+        try:
+            reply = await self.client.call("dstats")
+        except CircusError:
+            return 0
+        info = reply.get("info")
+        pid = info.get("pid") if isinstance(info, dict) else None
+        return pid if isinstance(pid, int) and pid > 0 else 0
 
     async def _call_kill(self, pid: int, watcher: str) -> None:
         props: dict[str, Any] = {"name": watcher, "pid": pid}
