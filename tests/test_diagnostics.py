@@ -483,3 +483,23 @@ def test_killer_inspects_only_children_of_circusd(  # type: ignore[no-untyped-de
     else:
         assert kill["state"] is None and not marker.exists()
         assert "is not circusd (pid 1): another pid namespace?" in caplog.text
+
+
+def test_sampler_over_both_cores(table_cls, spawn):  # type: ignore[no-untyped-def]
+    pid = start(spawn, "sleep", "60")
+    table = table_cls(3.0, 0.1)
+    table.add(pid, "web", 1.0)
+    table.add(4_000_000, "web", 1.0)  # no such process: remembered as unreadable
+    sampler = CpuSampler(period=0.1, tick=0.1)
+    sampler.sample(table, 1.5)
+    base = sampler.baseline(pid)
+    assert base is not None and (base.beat, base.at) == (1.0, 1.5) and base.cpu >= 0
+    table.remove(4_000_000)
+    with pytest.raises(KeyError):  # what the sampler expects of a pid gone mid-round
+        table.last_seen(4_000_000)
+    sampler.sample(table, 1.6)
+    sampler.sample(table, 1.7)
+    assert len(sampler) == 1 and sampler.baseline(4_000_000) is None
+    table.beat(pid, 2.0)
+    sampler.sample(table, 2.1)
+    assert sampler.baseline(pid).beat == 2.0  # type: ignore[union-attr]
