@@ -296,6 +296,26 @@ def test_capture_timeout_ends_the_whole_group(loop_factory, tmp_path):  # type: 
         wait_for(lambda pid=pid: state_of(pid) in (None, "Z"), timeout=BOUND)
 
 
+def test_cancelled_capture_ends_its_group(loop_factory, tmp_path):  # type: ignore[no-untyped-def]
+    pids = tmp_path / "pids"
+    r = runner(["sh", "-c", f"sleep 1000 & echo $! >> {pids}; wait"], timeout=BOUND)
+
+    async def cancel_soon() -> None:
+        task = asyncio.ensure_future(r.run(1, "w"))
+        for _ in range(100):  # until the command has started its child
+            if pids.exists() and pids.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()  # the watchdog is stopping
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(loop_factory, cancel_soon())
+    child = int(pids.read_text())
+    wait_for(lambda: state_of(child) in (None, "Z"), timeout=BOUND)
+    assert r.running == 0
+
+
 def test_capture_output_is_capped(loop_factory):  # type: ignore[no-untyped-def]
     size = 120 * 1024 * 1024
     r = runner(["head", "-c", str(size), "/dev/zero"], timeout=BOUND)
