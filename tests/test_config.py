@@ -639,3 +639,21 @@ def test_issue5_options() -> None:
 def test_port_0_needs_a_unix_socket() -> None:
     with pytest.raises(ConfigError, match="port.*unix_socket"):
         Config.from_options({"port": "0"})
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+def test_doc_option_table_lists_every_option() -> None:
+    """docs/configuration.md's table: one row per option, its flag, its default."""
+    text = DOC.read_text()
+    table = text[text.index("## Options\n") : text.index("## Logging\n")]
+    rows = re.findall(r"^\| (.+?) \| `(--[\w-]+)`[^|]* \| (.+?) \|", table, re.M)
+    by_flag = {row_flag: (name, default) for name, row_flag, default in rows}
+    assert len(by_flag) == len(rows) == len(NAMES)
+    for name in NAMES:
+        option = config_module._OPTIONS[name]
+        row_name, default = by_flag[flag(name)]
+        assert row_name == ("(circus passes it)" if name in ENDPOINTS else f"`{name}`")
+        if option.default and not option.shown_default:
+            assert default == f"`{option.default}`", name

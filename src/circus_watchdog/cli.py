@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 from . import compiled, logs, runner
-from .circus_ini import add_arguments, config_from_args
+from .circus_ini import DEFAULT_SECTION, add_arguments, config_from_args
 from .config import ConfigError
 
 logger = logging.getLogger("circus.watchdog")
@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # --loop-rat must not pass for --loop-rate
     )
     parser.add_argument("--version", action="version", version=runner.describe())
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the options (and that log_output and diagnostic_dir can be "
+        "written), print one line and exit: 0 if they are good, else 2",
+    )
     add_arguments(parser)
     return parser
 
@@ -58,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(config)
     except ConfigError as exc:
         parser.error(str(exc))
+    if ns.check:
+        source = f"[{ns.section or DEFAULT_SECTION}] of {ns.circus_ini}"
+        print(
+            f"{parser.prog}: configuration OK"
+            + (f" ({source})" if ns.circus_ini else "")
+            + f"; circusd at {config.endpoint}"
+        )
+        return 0
     if not compiled:
         logger.warning(
             "running the pure-Python core (CIRCUS_WATCHDOG_NO_EXTENSIONS set, or "
