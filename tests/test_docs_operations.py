@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from circus_watchdog.config import Config
 from support import (
     Circusd,
     command,
@@ -306,3 +307,67 @@ numprocesses = 1
     assert circusd.pids("web") == pids["web"]
     assert circusd.pids("other") == pids["other"]
     check_alert_metrics(metrics)
+
+
+# -- docs/migration.md -----------------------------------------------------------
+
+MIGRATION = DOC.with_name("migration.md")
+
+
+def migration_block(heading: str, lang: str) -> str:
+    text = MIGRATION.read_text()
+    start = text.index(heading + "\n")
+    end = text.find("\n## ", start)
+    found = re.findall(rf"^```{lang}\n(.*?)^```", text[start:end], re.M | re.S)
+    assert len(found) == 1, heading
+    return str(found[0])
+
+
+def migrated_ini(tmp_path: Path, *, rename: bool = False) -> Path:
+    """circus.ini holding the doc's plugin section (renamed to [watchdog] and
+    without `use`, as the doc says to, when ``rename``)."""
+    plugin = migration_block("## The one-line change", "ini")
+    if rename:
+        plugin = plugin.replace("[plugin:watchdog]", "[watchdog]")
+        plugin = re.sub(r"^use = .*\n", "", plugin, flags=re.M)
+    path = tmp_path / ("renamed.ini" if rename else "circus.ini")
+    path.write_text(f"[circus]\n\n{plugin}")  # circus's default endpoints
+    return path
+
+
+def test_migration_plugin_section(tmp_path: Path) -> None:
+    """The swapped `use =` names our plugin, and circusd would hand it options
+    it accepts; the section renamed to [watchdog] configures the same."""
+    from circus.config import get_config
+    from circus.util import resolve_name
+
+    from circus_watchdog.circus_ini import read_circus_ini
+    from circus_watchdog.plugin import WatchDog
+
+    path = migrated_ini(tmp_path)
+    (plugin,) = get_config(str(path))["plugins"]
+    assert resolve_name(plugin["use"]) is WatchDog
+    ini = read_circus_ini(str(path))
+    assert ini.options["watchers_regex"] == "^(web|worker)$"
+
+    def config(*argv: str) -> Config:
+        from circus_watchdog.circus_ini import config_from_args
+        from circus_watchdog.cli import build_parser
+
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    renamed = migrated_ini(tmp_path, rename=True)
+    from_plugin = config("--circus-ini", str(path))
+    assert from_plugin == config("--circus-ini", str(renamed), "--section", "watchdog")
+    assert from_plugin.loop_rate == 10.0
+
+
+def test_migration_standalone_command(tmp_path: Path) -> None:
+    """The doc's command line, checked (--check) against the doc's section."""
+    argv = shlex.split(migration_block("## Running it outside circusd instead", "sh"))
+    assert argv[0] == "circus-watchdog" and DOC_INI in argv
+    path = migrated_ini(tmp_path)
+    local = [*command(), *(str(path) if a == DOC_INI else a for a in argv[1:])]
+    out = run([*local, "--check"])
+    assert out.returncode == 0, out.stderr
+    assert f"configuration OK ([plugin:watchdog] of {path})" in out.stdout
