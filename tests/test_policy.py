@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from circus_watchdog.policy import HOLD_LIMIT, KillPolicy
 
 T = 3.0  # timeout, seconds
@@ -78,3 +81,31 @@ def test_fraction_is_configurable() -> None:
     assert p.decide(10.0, silent(1, 2, 3, 4), 0).kill == silent(1, 2, 3, 4)
     p = KillPolicy(T, max_kill_fraction=0.1, storm_floor=0)
     assert p.decide(10.0, silent(1, 2), 9).held == 2  # 2 of 11 > 10%
+
+
+def test_holds_use_each_pids_own_timeout() -> None:
+    # A watcher whose timeout (10 s) is over twice the global one (3 s): its
+    # held pids come back every 10 s, and the hold must still be bounded.
+    p = KillPolicy(T, timeout_of=lambda w: 10.0 if w == "slow" else T)
+    pids = [(n, "slow") for n in (1, 2, 3, 4)]
+    now, killed_at = 0.0, None
+    for _ in range(HOLD_LIMIT + 2):
+        now += 10.1  # silent again one timeout (and a tick) later
+        if p.decide(now, pids, 0).kill:
+            killed_at = now
+            break
+    assert killed_at is not None and killed_at >= HOLD_LIMIT * 10.0
+
+
+def test_kernel_drops_hold_without_a_stall_warning(caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, "circus.watchdog")
+    d = KillPolicy(T).decide(10.0, silent(1, 2), 100, dropped=5)
+    assert d.kill == [] and d.rearm == silent(1, 2) and not d.stalled
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "kernel dropped 5" in messages[0]
+    assert "stalled" not in messages[0]
+
+
+def test_dry_run_decides_but_marks_it() -> None:
+    d = KillPolicy(T, dry_run=True).decide(10.0, silent(1), 100)
+    assert d.kill == silent(1) and d.dry_run

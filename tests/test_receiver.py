@@ -1,0 +1,142 @@
+"""The receive path over real loopback sockets, on both cores and both loops:
+every datagram is read, and wake-ups follow time, not datagrams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from circus_watchdog.harness import free_udp_port
+from circus_watchdog.metrics import Metrics
+from circus_watchdog.receiver import Receiver
+from fake_circusd import config
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+PID = 4242
+SENT = 2000
+
+
+def receiver(core: ModuleType, **options: str) -> Receiver:
+    cfg = config(loop_rate="10", **options)
+    table = core.HeartbeatTable(cfg.timeout, cfg.tick)
+    table.add(PID, "web", time.monotonic())
+    table.add(os.getpid(), "web", time.monotonic())
+    return Receiver(cfg, table, Metrics())
+
+
+def paced(address: tuple[str, int], count: int = SENT) -> threading.Thread:
+    """Send ``count`` heartbeats in bursts of 4, about 0.2 ms apart."""
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(count):
+                sock.sendto(b"%d;1" % PID, address)
+                if i % 4 == 3:
+                    time.sleep(0.0002)
+
+    return threading.Thread(target=send)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert predicate()
+
+
+def run(loop_factory: LoopFactory, coro: object) -> None:
+    loop = loop_factory()
+    try:
+        loop.run_until_complete(coro)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("delay", ["0.002", "0"])
+def test_every_datagram_is_read(
+    core: ModuleType, loop_factory: LoopFactory, delay: str
+) -> None:
+    rx = receiver(core, port=str(free_udp_port()), batch_delay=delay)
+
+    async def scenario() -> None:
+        rx.open()
+        rx.start(asyncio.get_running_loop())
+        assert rx.address is not None
+        sender = paced(rx.address)
+        sender.start()
+        await until(lambda: rx.metrics.heartbeats == SENT)
+        sender.join()
+        if delay != "0":
+            # Each wake-up read a batch: far fewer wake-ups than datagrams.
+            assert rx.wakeups < SENT / 4, rx.wakeups
+        # Idle again: the next lone heartbeat is read on readability.
+        await asyncio.sleep(0.05)
+        assert all(reader._timer is None for reader in rx._readers)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"%d;2" % PID, rx.address)
+        await until(lambda: rx.metrics.heartbeats == SENT + 1)
+        rx.close()
+
+    run(loop_factory, scenario())
+    assert rx.metrics.datagrams == SENT + 1 and rx.metrics.unknown == 0
+
+
+def test_a_backlog_larger_than_the_budget_is_read(
+    core: ModuleType, loop_factory: LoopFactory
+) -> None:
+    rx = receiver(core, port=str(free_udp_port()), budget="16")
+    rx.open()
+    assert rx.address is not None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(500):
+            sock.sendto(b"%d;1" % PID, rx.address)
+
+    async def scenario() -> None:
+        rx.start(asyncio.get_running_loop())
+        await until(lambda: rx.metrics.heartbeats == 500)
+        assert rx.wakeups >= 500 // 16  # budget-sized reads
+        rx.close()
+
+    run(loop_factory, scenario())
+
+
+def test_custom_format_and_unix_socket_use_the_same_path(
+    core: ModuleType, loop_factory: LoopFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    rx = receiver(
+        core,
+        port=str(free_udp_port()),
+        msg_regex=r"^hb (?P<pid>\d+)$",
+        unix_socket=str(path),
+    )
+
+    async def scenario() -> None:
+        rx.open()
+        rx.start(asyncio.get_running_loop())
+        assert rx.address is not None and len(rx._readers) == 2
+        address = rx.address
+
+        def send() -> None:  # a Unix datagram socket blocks when full: a thread
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                    for _ in range(300):
+                        udp.sendto(b"hb %d" % PID, address)
+                        notify.sendto(b"WATCHDOG=1", str(path))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        await until(lambda: rx.metrics.heartbeats == 600)
+        sender.join()
+        rx.close()
+        assert not path.exists()
+
+    run(loop_factory, scenario())

@@ -1,0 +1,149 @@
+"""The registry on plain data: listings, events and the kill path (no circusd)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+from circus_watchdog.registry import Registry
+from fake_circusd import config
+
+T0 = 100.0
+
+
+@pytest.fixture
+def registry(core: ModuleType) -> Registry:
+    cfg = config(loop_rate="1", max_count="3", watcher_timeouts="slow=10")
+    return Registry(core.HeartbeatTable(cfg.timeout, cfg.tick), cfg, self_pids=[42])
+
+
+def monitored(registry: Registry) -> dict[int, str]:
+    table = registry.table
+    return {pid: table.watcher_of(pid) for pid in sorted(table.pids())}
+
+
+def test_listing_monitors_matching_watchers_only(core: ModuleType) -> None:
+    cfg = config(watchers_regex="^(web|worker)$")
+    registry = Registry(core.HeartbeatTable(cfg.timeout, cfg.tick), cfg, self_pids=[])
+    registry.apply_listing({"web": [10, 11], "worker": [12]}, T0, fresh=True)
+    assert monitored(registry) == {10: "web", 11: "web", 12: "worker"}
+    assert registry.watchers == ("web", "worker")
+    assert not registry.matches("other")
+
+
+def test_circus_own_watchers_are_excluded_unless_included(core: ModuleType) -> None:
+    listing = {"web": [10], "circusd-stats": [20], "plugin:flapping": [21]}
+    for include, expected in (
+        ("false", {10: "web"}),
+        ("true", {10: "web", 20: "circusd-stats", 21: "plugin:flapping"}),
+    ):
+        cfg = config(include_circus=include)
+        table = core.HeartbeatTable(cfg.timeout, cfg.tick)
+        registry = Registry(table, cfg, self_pids=[])
+        registry.apply_listing(listing, T0, fresh=True)
+        assert monitored(registry) == expected
+    registry.apply_event("circusd-stats", "spawn", 22, T0)  # included: learnt
+    assert 22 in registry.table
+
+
+def test_excluded_watchers_are_counted(registry: Registry) -> None:
+    registry.apply_listing(
+        {"web": [10], "circusd-stats": [20], "plugin:watchdog": [42]}, T0, fresh=True
+    )
+    assert registry.excluded == {"circusd-stats": 1, "plugin:watchdog": 1}
+    registry.apply_event("circusd-stats", "spawn", 23, T0)
+    assert 23 not in registry.table
+
+
+def test_the_watcher_running_us_is_never_monitored(registry: Registry) -> None:
+    registry.apply_listing({"web": [10], "watchdog": [42, 43]}, T0, fresh=True)
+    assert monitored(registry) == {10: "web"}
+    assert registry.excluded == {"watchdog": 2}
+    registry.apply_event("watchdog", "spawn", 44, T0 + 1)  # its next process
+    assert 44 not in registry.table
+
+
+def test_our_own_spawn_event_excludes_our_watcher(registry: Registry) -> None:
+    registry.apply_event("wd", "spawn", 42, T0)
+    registry.apply_event("wd", "spawn", 50, T0)
+    assert len(registry.table) == 0
+
+
+def test_an_event_during_a_listing_wins(registry: Registry) -> None:
+    registry.apply_listing({"web": [10, 11]}, T0, fresh=True)
+    registry.begin_listing()
+    # While `list` is in flight: 11 is reaped and 12 spawned; the listing,
+    # read before both, still shows 11 and not 12.
+    registry.apply_event("web", "reap", 11, T0 + 1)
+    registry.apply_event("web", "spawn", 12, T0 + 1)
+    registry.apply_listing({"web": [10, 11]}, T0 + 2, fresh=False)
+    assert monitored(registry) == {10: "web", 12: "web"}
+
+
+def test_a_failed_listing_forgets_its_churn(registry: Registry) -> None:
+    registry.apply_listing({"web": [10, 11]}, T0, fresh=True)
+    registry.begin_listing()
+    registry.apply_event("web", "reap", 11, T0 + 1)
+    registry.abort_listing()
+    registry.apply_listing({"web": [10, 11]}, T0 + 2, fresh=False)
+    assert monitored(registry) == {10: "web", 11: "web"}  # circusd knows best
+
+
+def test_a_killed_pid_still_listed_is_not_relearnt(registry: Registry) -> None:
+    registry.apply_listing({"web": [10, 11]}, T0, fresh=True)
+    registry.table.remove(10)  # expired: the policy chose it
+    registry.start_kill(10, "web")
+    assert registry.killing == [10]
+    registry.apply_listing({"web": [10, 11]}, T0 + 4, fresh=True)  # being killed
+    assert 10 not in registry.table
+    registry.end_kill(10)
+    assert registry.killing == []
+    registry.apply_listing({"web": [10, 11]}, T0 + 5, fresh=True)  # still listed
+    assert 10 not in registry.table
+    registry.apply_listing({"web": [11]}, T0 + 6, fresh=False)  # circusd forgot it
+    registry.apply_listing({"web": [10, 11]}, T0 + 7, fresh=False)  # pid reused
+    assert 10 in registry.table
+
+
+def test_a_reused_pid_spawned_again_is_monitored(registry: Registry) -> None:
+    registry.apply_listing({"web": [10]}, T0, fresh=True)
+    registry.table.remove(10)
+    registry.start_kill(10, "web")
+    registry.end_kill(10)
+    registry.rearm(10, "web", T0 + 4)  # a late re-arm cannot bring it back
+    assert 10 not in registry.table
+    registry.apply_event("web", "spawn", 10, T0 + 5)
+    assert monitored(registry) == {10: "web"}
+
+
+def test_fresh_listing_restarts_every_timeout(registry: Registry) -> None:
+    registry.apply_listing({"web": [10]}, T0, fresh=True)
+    registry.apply_listing({"web": [10]}, T0 + 2, fresh=False)
+    assert registry.table.last_seen(10) == T0
+    registry.apply_listing({"web": [10]}, T0 + 2, fresh=True)  # a reconnection
+    assert registry.table.last_seen(10) == T0 + 2
+
+
+def test_watchers_added_and_removed(registry: Registry) -> None:
+    registry.apply_listing({"web": [10]}, T0, fresh=True)
+    registry.apply_listing({"web": [10], "api": [20, 21]}, T0 + 1, fresh=False)
+    assert monitored(registry) == {10: "web", 20: "api", 21: "api"}
+    registry.apply_listing({"api": [20, 21]}, T0 + 2, fresh=False)
+    assert monitored(registry) == {20: "api", 21: "api"}
+    assert registry.watchers == ("api",)
+
+
+def test_per_watcher_timeouts_are_set(registry: Registry) -> None:
+    registry.apply_listing({"slow": [10], "web": [11]}, T0, fresh=True)
+    assert registry.table.watcher_timeout("slow") == 10
+    assert registry.table.watcher_timeout("web") == 3
+    assert registry.table.expire(T0 + 3.5) == [(11, "web")]
+
+
+def test_events_with_bad_pids_are_ignored(registry: Registry) -> None:
+    for pid in (None, "10", 0, -1, 2**31, True, 1.5):
+        registry.apply_event("web", "spawn", pid, T0)
+    assert len(registry.table) == 0
+    registry.apply_listing({"web": [None, "x", 0, 10, 2**40]}, T0, fresh=True)
+    assert monitored(registry) == {10: "web"}
