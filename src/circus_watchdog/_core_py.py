@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
+from .pids import PID_MAX
+
 MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
-PID_MAX = 2**31 - 1  # pid_t is a signed 32-bit int on Linux and macOS
 #: socket(7): with this option set, a datagram queued after a drop carries the
 #: socket's cumulative drop count as a control message.
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)

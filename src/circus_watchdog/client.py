@@ -35,7 +35,10 @@ __all__ = (
 
 DEFAULT_ADDRESS = ("127.0.0.1", 1664)
 ADDRESS_ENV = "CIRCUS_WATCHDOG_ADDRESS"
-PID_MAX = 2**31 - 1  # pid_t is a signed 32-bit int on Linux and macOS
+# pid_t is a signed 32-bit int on Linux and macOS.  A copy of
+# circus_watchdog.pids.PID_MAX (this file imports nothing of the package, so it
+# can be vendored; tests/test_client.py checks the two agree).
+PID_MAX = 2**31 - 1
 
 Address = tuple[str, int]
 # (family, sockaddr) from getaddrinfo; sockaddr is 2-tuple (v4) or 4-tuple (v6).
@@ -97,6 +100,24 @@ def _check_interval(interval: float) -> float:
     if not (math.isfinite(interval) and interval > 0):
         raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
     return interval
+
+
+class _Pacer:
+    """When the next beat is due: every ``interval`` seconds on ``clock``;
+    after a stall it skips the missed beats instead of sending a burst."""
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = clock()
+
+    def wait(self) -> float:
+        """Seconds to wait before the next beat."""
+        self._next += self._interval
+        now = self._clock()
+        if self._next < now:
+            self._next = now
+        return self._next - now
 
 
 def _resolve(host: str, port: int, flags: int = 0) -> _Resolved:
@@ -182,14 +203,10 @@ class HeartbeatThread(threading.Thread):
     def run(self) -> None:
         """Send until stop() (called by start(), not by users)."""
         try:
-            next_at = time.monotonic()
+            pacer = _Pacer(self.interval, time.monotonic)
             while not self._stopping.is_set():
                 self._sender.send()
-                next_at += self.interval
-                now = time.monotonic()
-                if next_at < now:  # we fell behind: skip beats, never burst
-                    next_at = now
-                self._stopping.wait(next_at - now)
+                self._stopping.wait(pacer.wait())
         finally:
             self._sender.close()
 
@@ -231,7 +248,7 @@ async def heartbeat_task(
     loop = asyncio.get_running_loop()
     sender = _Sender(address)
     try:
-        next_at = loop.time()
+        pacer = _Pacer(interval, loop.time)
         while True:
             if sender.resolved is None:
                 try:
@@ -240,11 +257,7 @@ async def heartbeat_task(
                     sender.errors += 1
             if sender.resolved is not None:
                 sender.send()
-            next_at += interval
-            now = loop.time()
-            if next_at < now:
-                next_at = now
-            await asyncio.sleep(next_at - now)
+            await asyncio.sleep(pacer.wait())
     finally:
         sender.close()
 
@@ -261,13 +274,18 @@ def start_heartbeat_task(
 
 
 def _alive(pid: int) -> bool:
+    # A copy of circus_watchdog.pids.alive (see PID_MAX): a zombie is gone.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    except PermissionError:
+        pass  # it exists, owned by another user
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS), or it vanished meanwhile: trust kill(0)
 
 
 def _arg(convert: Callable[[str], _T], what: str) -> Callable[[str], _T]:
@@ -342,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     sender = _Sender(address)
     try:
-        next_at = time.monotonic()
+        pacer = _Pacer(args.interval, time.monotonic)
         while args.count is None or sender.sent + sender.errors < args.count:
             if args.pid is not None and not _alive(args.pid):
                 break
@@ -350,11 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{parser.prog}: cannot send to {address}", file=sys.stderr)
             if sender.sent + sender.errors == args.count:
                 break
-            next_at += args.interval
-            now = time.monotonic()
-            if next_at < now:
-                next_at = now
-            time.sleep(next_at - now)
+            time.sleep(pacer.wait())
     except KeyboardInterrupt:
         return 130
     finally:

@@ -109,17 +109,7 @@ class Registry:
         name that ``matches`` to its pids.  ``fresh`` restarts every timeout
         (after a reconnection)."""
         churn, self._churn = self._churn or {}, None
-        found: dict[int, str] = {}
-        self._excluded.clear()
-        for name, pids in listing.items():
-            valid = [p for p in pids if is_pid(p)]
-            if self._self_pids.intersection(valid):
-                self._self_watchers.add(name)
-            if self.wants(name):
-                found.update((p, name) for p in valid)
-            elif self.matches(name):
-                self._excluded[name] = len(valid)
-        self._watchers = {name for name in listing if self.wants(name)}
+        found = self._sort_listing(listing)
         for watcher in self._watchers:
             self._learn_timeout(watcher)
         for pid in self.table.pids():
@@ -132,6 +122,22 @@ class Registry:
                 continue  # an event since `list`, or a kill, knows better
             if fresh or pid not in self.table or self.table.watcher_of(pid) != watcher:
                 self.table.add(pid, watcher, now)
+
+    def _sort_listing(self, listing: Mapping[str, Iterable[object]]) -> dict[int, str]:
+        # The monitored pids of a listing; notes our own watcher, the monitored
+        # watchers and the excluded ones on the way.
+        found: dict[int, str] = {}
+        self._excluded.clear()
+        for name, pids in listing.items():
+            valid = [p for p in pids if is_pid(p)]
+            if self._self_pids.intersection(valid):
+                self._self_watchers.add(name)
+            if self.wants(name):
+                found.update((p, name) for p in valid)
+            elif self.matches(name):
+                self._excluded[name] = len(valid)
+        self._watchers = {name for name in listing if self.wants(name)}
+        return found
 
     def apply_event(self, watcher: str, action: str, pid: object, now: float) -> None:
         """Apply one ``spawn``, ``reap`` or ``kill`` event of a process."""
