@@ -235,9 +235,11 @@ def start_circusd(
     *,
     check_delay: float = 1,
     extra_circus_options: str = "",
+    statsd: bool = False,
 ) -> Circusd:
-    """Start circusd with ``sections`` on free loopback ports; wait for ``list``."""
-    ctl, pub = free_ports(2)
+    """Start circusd with ``sections`` on free loopback ports; wait for ``list``.
+    ``statsd`` runs circus's own ``circusd-stats`` watcher too."""
+    ctl, pub, stats = free_ports(3)
     endpoint = f"tcp://127.0.0.1:{ctl}"
     pubsub = f"tcp://127.0.0.1:{pub}"
     loglevel = os.environ.get("CIRCUS_WATCHDOG_TEST_LOGLEVEL", "info")
@@ -250,7 +252,8 @@ def start_circusd(
 endpoint = {endpoint}
 pubsub_endpoint = {pubsub}
 multicast_endpoint =
-statsd = False
+statsd = {statsd}
+stats_endpoint = tcp://127.0.0.1:{stats}
 httpd = False
 check_delay = {check_delay}
 loglevel = {loglevel}

@@ -124,8 +124,10 @@ class Sync:
         return listing
 
     async def run_resyncs(self) -> None:
-        """Re-sync on request and every resync_interval, retrying failures."""
+        """Re-sync at once, then on request and every resync_interval,
+        retrying failures."""
         delay = RETRY_MIN
+        self._wanted.set()  # a circusd that never answers must be reported
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wanted.wait(), self.resync_interval)
