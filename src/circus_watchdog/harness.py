@@ -244,6 +244,12 @@ def start_circusd(
     pubsub = f"tcp://127.0.0.1:{pub}"
     loglevel = os.environ.get("CIRCUS_WATCHDOG_TEST_LOGLEVEL", "info")
     ini = workdir / "circus.ini"
+    # circus turns statsd on whenever stats_endpoint is set.
+    stats_options = (
+        f"statsd = True\nstats_endpoint = tcp://127.0.0.1:{stats}"
+        if statsd
+        else "statsd = False"
+    )
     # An empty multicast_endpoint turns off discovery, which would otherwise
     # join a multicast group on every interface.
     ini.write_text(
@@ -252,8 +258,7 @@ def start_circusd(
 endpoint = {endpoint}
 pubsub_endpoint = {pubsub}
 multicast_endpoint =
-statsd = {statsd}
-stats_endpoint = tcp://127.0.0.1:{stats}
+{stats_options}
 httpd = False
 check_delay = {check_delay}
 loglevel = {loglevel}
