@@ -209,3 +209,14 @@ def test_plugin_default_when_circusd_stderr_is_a_socket(
         data = syslog.recv(4096)
     assert data.startswith(b"<11>")  # user * 8 + error
     assert b"[ERROR] cannot start" in data
+
+
+def test_plugin_log_output_same_as_circusd_log_is_not_doubled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "circus.log"
+    monkeypatch.setattr(logs, "_read_cmdline", lambda pid: ["circusd", "c.ini"])
+    monkeypatch.setattr(sys, "argv", ["-c", "--log-output", str(log)])
+    logs.configure(config(log_output=str(log)), plugin=True)
+    logger.error("once")
+    assert log.read_text().count("once") == 1

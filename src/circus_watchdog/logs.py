@@ -6,7 +6,7 @@ own log goes, which circus does not tell its plugins unless ``[circus]
 logoutput`` is set: circusd's ``--log-output`` is read from its command line,
 and with neither the log goes to circusd's stderr (``/proc/PPID/fd/2``), since
 circus sends a plugin's own stderr to /dev/null. A ``log_output`` plugin option
-then sends the log to that place too; warnings and errors still reach circusd's.
+sends the log there instead; its warnings and errors still reach circusd's log.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def configure(config: Config, *, plugin: bool = False) -> None:
     handlers: list[logging.Handler] = []
     if not plugin or config.log_output != STDOUT:
         handlers.append(_handler(config.log_output))
-    if plugin:
+    if plugin and not _same_file(config.log_output, _circusd_output()):
         to_circusd = _circusd_handler()
         if to_circusd is not None:
             # With a log_output of its own, circusd's log still shows trouble.
@@ -196,10 +196,22 @@ def _read_cmdline(pid: int) -> list[str] | None:
     return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
 
 
+def _circusd_output() -> str:
+    """Where circusd, this process's parent, logs."""
+    ppid = os.getppid()
+    return circusd_log_output(ppid, sys.argv[1:], _read_cmdline(ppid))
+
+
+def _same_file(output: str, other: str) -> bool:
+    if STDOUT in (output, other) or "://" in output or "://" in other:
+        return False
+    return os.path.abspath(output) == os.path.abspath(other)
+
+
 def _circusd_handler() -> logging.Handler | None:
     """A handler writing where circusd (this process's parent) logs."""
     ppid = os.getppid()
-    output = circusd_log_output(ppid, sys.argv[1:], _read_cmdline(ppid))
+    output = _circusd_output()
     try:
         if output != STDOUT:
             return _handler(output)
