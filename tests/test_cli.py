@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -346,3 +347,41 @@ numprocesses = 1
     assert circusd.pids("hang") == pids["hang"]
     assert circusd.pids("web") == pids["web"]
     assert watchdog.stop(signal.SIGTERM) == 0
+
+
+# -- packaging -------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    path = ROOT / "pyproject.toml"
+    if not path.exists():  # tests copied beside an installed wheel
+        pytest.skip("no pyproject.toml beside the tests")
+    data: dict[str, Any] = tomllib.loads(path.read_text())
+    return data
+
+
+def test_license_is_shipped() -> None:
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License\n")
+    assert "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_wheel_test_requirements_follow_the_test_extra() -> None:
+    """Where atheris has no wheel, cibuildwheel installs the same test
+    requirements without it."""
+    data = pyproject()
+    extra = [
+        req.split(";")[0].strip()
+        for req in data["project"]["optional-dependencies"]["test"]
+        if not req.startswith("atheris")
+    ]
+    (override,) = data["tool"]["cibuildwheel"]["overrides"]
+    assert override["test-requires"] == extra
+    assert data["tool"]["cibuildwheel"]["test-extras"] == ["test"]
