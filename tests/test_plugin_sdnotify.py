@@ -11,6 +11,7 @@ ini without the socket section kills every such process once (the control).
 from __future__ import annotations
 
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -93,6 +94,8 @@ def test_doc_example_kills_nothing_at_start_up(
     """Nothing killed after circusd starts, nor after the plugin restarts
     (the socket, and the clients' connections to it, stay circusd's)."""
     circusd, port, first = start(circusd_factory, tmp_path, socket_section=True)
+    # circusd's socket, with the section's umask = 0: any user may send.
+    assert stat.S_IMODE((tmp_path / "wd.sock").stat().st_mode) == 0o777
 
     def check_nothing_killed() -> None:
         later, series = watched(circusd, port)
