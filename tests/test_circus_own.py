@@ -72,3 +72,17 @@ def test_a_circusd_that_does_not_answer_is_reported(
     assert "nothing will be killed until it does" in line
     assert metric(wd.metrics(), "circusd_connected") == 0
     assert wd.tail().count("does not answer") == 1  # the next one 30 s later
+
+
+def test_the_pure_core_is_a_warning_at_start(
+    circusd_factory: Callable[..., Circusd],
+    standalone: Callable[..., Standalone],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from support import use_core
+
+    use_core(monkeypatch, True)
+    circusd = circusd_factory("")
+    wd = standalone(circusd, *FLAGS, "--port", str(free_udp_port()), core="py")
+    line = next(line for line in wd.tail().splitlines() if "pure-Python" in line)
+    assert "WARNING" in line and "CIRCUS_WATCHDOG_NO_EXTENSIONS" in line

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from . import compiled, logs, runner
+from . import logs, runner
 from .circus_ini import DEFAULT_SECTION, add_arguments, config_from_args
 from .config import ConfigError
 
@@ -72,11 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             + f"; circusd at {config.endpoint}"
         )
         return 0
-    if not compiled:
-        logger.warning(
-            "running the pure-Python core (CIRCUS_WATCHDOG_NO_EXTENSIONS set, or "
-            "built without a C compiler): several times more CPU per heartbeat"
-        )
     try:
         runner.run(config)
     except ConfigError as exc:
