@@ -16,7 +16,7 @@ import pytest
 
 from circus_watchdog.harness import free_udp_port
 from circus_watchdog.metrics import Metrics
-from circus_watchdog.receiver import Receiver
+from circus_watchdog.receiver import Coalescer, Receiver
 from fake_circusd import config
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
@@ -141,3 +141,89 @@ def test_custom_format_and_unix_socket_use_the_same_path(
         assert not path.exists()
 
     run(loop_factory, scenario())
+
+
+class FakeLoop:
+    """Records what the coalescer asks of the event loop."""
+
+    def __init__(self) -> None:
+        self.reader: Callable[[], None] | None = None
+        self.timer: tuple[float, Callable[[], None]] | None = None
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.reader = callback
+
+    def remove_reader(self, fd: int) -> bool:
+        self.reader = None
+        return True
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        self.timer = (delay, callback)
+        return self
+
+    def call_soon(self, callback: Callable[[], None]) -> object:
+        self.timer = (0.0, callback)
+        return self
+
+    def cancel(self) -> None:
+        self.timer = None
+
+
+def coalescer(reads: list[int]) -> tuple[Coalescer, FakeLoop, list[float]]:
+    loop, now = FakeLoop(), [0.0]
+    queue = iter(reads)
+    c = Coalescer(
+        loop,  # type: ignore[arg-type]
+        3,
+        lambda: next(queue),
+        delay=0.001,
+        budget=64,
+        clock=lambda: now[0],
+    )
+    c.start()
+    return c, loop, now
+
+
+def test_light_traffic_stays_on_readability() -> None:
+    c, loop, now = coalescer([1] * 10)
+    for i in range(10):  # one datagram every 1.5 ms: the timer would save nothing
+        now[0] = i * 0.0015
+        assert loop.reader is not None and loop.timer is None
+        loop.reader()
+    assert c.wakeups == 10
+
+
+def test_heavy_traffic_moves_to_the_timer_and_back() -> None:
+    c, loop, now = coalescer([1, 1, 12, 30, 64, 20, 1])
+    assert loop.reader is not None
+    loop.reader()  # a first datagram: stay on readability
+    now[0] = 0.0002
+    loop.reader()  # another one 0.2 ms later: heavy, to the timer
+    assert loop.reader is None and loop.timer is not None
+    assert loop.timer[0] == 0.001
+    loop.timer[1]()  # 12 read: again in 1 ms
+    assert loop.timer is not None and loop.timer[0] == 0.001
+    loop.timer[1]()  # 30
+    loop.timer[1]()  # 64 = budget: more is queued, read again at once
+    assert loop.timer is not None and loop.timer[0] == 0.0
+    loop.timer[1]()  # 20
+    loop.timer[1]()  # 1: light again, back to readability
+    assert loop.reader is not None
+    assert c.wakeups == 7
+
+
+def test_zero_delay_reads_on_every_wake_up() -> None:
+    loop = FakeLoop()
+    c = Coalescer(
+        loop,  # type: ignore[arg-type]
+        3,
+        lambda: 5,
+        delay=0.0,
+        budget=64,
+        clock=lambda: 0.0,
+    )
+    c.start()
+    for _ in range(5):
+        assert loop.reader is not None
+        loop.reader()
+    assert loop.timer is None and c.wakeups == 5

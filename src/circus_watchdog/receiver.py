@@ -3,13 +3,14 @@
 A wake-up costs more than the datagrams it reads when they come one or two at
 a time (epoll, a loop callback, a Python call, the counters): at a paced flood
 the loop would wake once per datagram or two.  So each socket is read by a
-`Coalescer`: while idle it waits for readability (``add_reader``), so a quiet
-fleet costs nothing extra and a lone heartbeat is read at once; after a read
-that found data it stops watching readability and reads again ``batch_delay``
-seconds later (a timer), as long as reads keep finding data; a read that finds
-the socket empty goes back to ``add_reader``.  Wake-ups then grow with time, not
-with datagrams, and a heartbeat waits at most ``batch_delay`` (<= 5 ms) before
-it reaches the table.  ``batch_delay = 0`` reads on every wake-up.
+`Coalescer`: while traffic is light it waits for readability (``add_reader``),
+so a quiet fleet costs nothing extra and a lone heartbeat is read at once; when
+readability wake-ups come closer together than ``batch_delay`` it stops
+watching readability and reads every ``batch_delay`` seconds (a timer), as long
+as those reads find two datagrams or more; then it goes back to
+``add_reader``.  Under a flood, wake-ups then grow with time, not with
+datagrams, and a heartbeat waits at most ``batch_delay`` (<= 5 ms) before it
+reaches the table.  ``batch_delay = 0`` reads on every wake-up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import stat
@@ -117,10 +119,14 @@ def is_socket(path: str) -> bool:
 
 
 class Coalescer:
-    """Reads one socket: on readability while idle, on a timer while busy.
+    """Reads one socket: on readability while traffic is light, on a timer
+    while it is heavy.
 
     ``read()`` drains what is queued (at most ``budget`` datagrams) and returns
-    how many datagrams it read.
+    how many datagrams it read.  Readability wake-ups closer together than
+    ``delay`` mean the timer would wake less often: switch to it.  A timer read
+    that finds fewer than two datagrams means it no longer saves wake-ups:
+    back to readability.
     """
 
     def __init__(
@@ -131,13 +137,16 @@ class Coalescer:
         *,
         delay: float,
         budget: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._loop = loop
         self._fd = fd
         self._read = read
         self._delay = delay
         self._budget = budget
+        self._clock = clock
         self._timer: asyncio.Handle | None = None
+        self._last_ready = -math.inf  # the last readability wake-up
         self.wakeups = 0  # reads so far (readability and timer)
 
     def start(self) -> None:
@@ -153,7 +162,10 @@ class Coalescer:
 
     def _on_readable(self) -> None:
         self.wakeups += 1
-        if self._read() and self._delay > 0:
+        now = self._clock()
+        busy = now - self._last_ready < self._delay
+        self._last_ready = now
+        if self._read() and busy:
             self._loop.remove_reader(self._fd)
             self._timer = self._loop.call_later(self._delay, self._on_timer)
 
@@ -162,10 +174,11 @@ class Coalescer:
         n = self._read()
         if n >= self._budget:  # more is queued: read again after other work
             self._timer = self._loop.call_soon(self._on_timer)
-        elif n:
+        elif n >= 2:
             self._timer = self._loop.call_later(self._delay, self._on_timer)
-        else:  # empty: idle until the next datagram
+        else:  # light traffic: readability costs no more wake-ups
             self._timer = None
+            self._last_ready = self._clock()
             self._loop.add_reader(self._fd, self._on_readable)
 
 
