@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,8 +125,21 @@ def machine() -> dict[str, Any]:
         "circus_watchdog": circus_watchdog.__version__,
         "compiled": circus_watchdog.compiled,
         "rmem_max": int(Path("/proc/sys/net/core/rmem_max").read_text()),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted": _git("status", "--short", "--untracked-files=no").splitlines(),
         "loadavg_start": os.getloadavg(),
     }
+
+
+def _git(*args: str) -> str:
+    """git's output in the repository ("" without git)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
