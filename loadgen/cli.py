@@ -20,8 +20,11 @@ from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as EventType
 from typing import Any, TextIO
 
+from circus_watchdog.client import parse_address
+from circus_watchdog.pids import PID_MAX
+
 from . import flood
-from .flood import PID_MAX, Plan, Result
+from .flood import Plan, Result
 
 DEFAULT_TARGET = "127.0.0.1:1664"
 DEFAULT_DURATION = 10.0  # seconds, when neither --count nor --duration is given
@@ -48,29 +51,10 @@ class RunError(Exception):
 
 def parse_target(text: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` or ``[IPV6]:PORT`` into host and port."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise UsageError(f"--target {text!r}: missing ']' after the IPv6 address")
-        if not rest.startswith(":"):
-            raise UsageError(f"--target {text!r}: expected [IPV6]:PORT, no port")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise UsageError(f"--target {text!r}: expected HOST:PORT, no port")
-        if ":" in host:
-            raise UsageError(
-                f"--target {text!r}: put an IPv6 address in brackets, e.g. [::1]:1664"
-            )
-    if not host:
-        raise UsageError(f"--target {text!r}: no host")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise UsageError(f"--target {text!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise UsageError(f"--target {text!r}: port {port} is not in 1..65535")
-    return host, port
+    try:
+        return parse_address(text, "--target")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def is_loopback(ip: str) -> bool:

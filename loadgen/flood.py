@@ -18,8 +18,8 @@ from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 from circus_watchdog.core import send_datagrams, send_heartbeats
+from circus_watchdog.pids import PID_MAX
 
-PID_MAX = 2**31 - 1
 # One core call sends at most this many datagrams: the core splits them into
 # sendmmsg(2) batches of 64, and a short call keeps the count exact when a call
 # fails half-way (an OSError loses how many of that call went out).

@@ -339,7 +339,8 @@ def test_bad_target(
     code = main(["--target", target, "--count", "1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"--target {target!r}" in err
+    assert err.count("\n") == 1 and "--target: expected HOST:PORT" in err
+    assert f"got {target!r}" in err
     assert no_sockets == []
 
 

@@ -204,6 +204,13 @@ def _text(raw: str) -> str:
     return raw
 
 
+def split_tcp(address: str) -> tuple[str, str]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` (a tcp endpoint after ``tcp://``) as
+    (host, port text); either is empty when missing."""
+    host, _, port = address.rpartition(":")
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), port
+
+
 def _endpoint(raw: str) -> str:
     # Checked at start-up: zmq refuses an unknown transport, a tcp address
     # without a port and an ipc endpoint without a path only at connect time,
@@ -215,9 +222,8 @@ def _endpoint(raw: str) -> str:
         return raw
     if not (sep and scheme == "tcp"):
         raise ValueError(expected)
-    host, colon, port = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (colon and host and port.isdigit() and 0 < int(port) <= 65535):
+    host, port = split_tcp(address)
+    if not (host and port.isdigit() and 0 < int(port) <= 65535):
         raise ValueError(expected + " (with a port from 1 to 65535)")
     try:
         socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)

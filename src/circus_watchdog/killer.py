@@ -24,7 +24,7 @@ from typing import Any
 
 from .ancestry import parent_pid
 from .circusd import CircusError
-from .config import Config
+from .config import Config, split_tcp
 from .diagnostics import Diagnostics, KillReport, Snapshot
 from .metrics import Metrics
 from .pids import alive
@@ -43,7 +43,7 @@ def is_local_endpoint(endpoint: str) -> bool:
     scheme, _, address = endpoint.partition("://")
     if scheme == "ipc":
         return True
-    host = address.rpartition(":")[0].strip("[]")
+    host = split_tcp(address)[0]
     if host == "localhost":
         return True
     try:
