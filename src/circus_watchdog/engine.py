@@ -37,6 +37,20 @@ logger = logging.getLogger("circus.watchdog")
 SUMMARY_INTERVAL = 10.0  # seconds between summaries of ignored datagrams
 
 
+def version_info(loop_name: str) -> dict[str, str]:
+    """Version, core and event loop, as /metrics' info labels."""
+    return {
+        "version": __version__,
+        "core": "c" if compiled else "py",
+        "loop": loop_name,
+    }
+
+
+def describe(info: dict[str, str]) -> str:
+    """The version line (``--version``, the start-up log, /status)."""
+    return f"circus-watchdog {info['version']} core={info['core']} loop={info['loop']}"
+
+
 class Watchdog:
     """Tracks heartbeats of circusd's processes and kills the silent ones."""
 
@@ -80,11 +94,7 @@ class Watchdog:
         self.killer = Killer(
             self.client, self.registry, self.metrics, config, local=local
         )
-        self.info = {
-            "version": __version__,
-            "core": "c" if compiled else "py",
-            "loop": loop_name,
-        }
+        self.info = version_info(loop_name)
         self.metrics_address: tuple[str, int] | None = None
         self._drops_at_tick = 0  # the table's kernel drop count at the last tick
 
@@ -95,10 +105,7 @@ class Watchdog:
 
     def describe(self) -> str:
         """The version line: version, core and event loop."""
-        info = self.info
-        return f"circus-watchdog {info['version']} core={info['core']} " + (
-            f"loop={info['loop']}"
-        )
+        return describe(self.info)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until ``stop`` is set; OSError (naming the option) if a socket

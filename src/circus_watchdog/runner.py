@@ -10,8 +10,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import __version__
-from ._core import compiled
+from . import engine
 from .config import Config
 from .engine import Watchdog
 
@@ -39,8 +38,7 @@ def loop_name() -> str:
 
 def describe() -> str:
     """The version line: version, core and event loop."""
-    core = "c" if compiled else "py"
-    return f"circus-watchdog {__version__} core={core} loop={loop_name()}"
+    return engine.describe(engine.version_info(loop_name()))
 
 
 def run(
