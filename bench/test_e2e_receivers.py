@@ -4,6 +4,7 @@ original's receive path count exactly what they are sent, and stop on SIGTERM.""
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,6 @@ def test_floor_counts_every_datagram(floors: dict[str, Path], kind: str) -> None
 
 def test_floor_stops_after_its_time_bound(floors: dict[str, Path]) -> None:
     exe = floors["floor_block"]
-    import subprocess
-
     proc = subprocess.run(
         [str(exe), "0", str(RCVBUF), "1"], capture_output=True, text=True, timeout=10
     )
