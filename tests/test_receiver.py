@@ -16,7 +16,7 @@ import pytest
 
 from circus_watchdog.harness import free_udp_port
 from circus_watchdog.metrics import Metrics
-from circus_watchdog.receiver import Coalescer, Receiver
+from circus_watchdog.receiver import TO_READABILITY, TO_TIMER, Coalescer, Receiver
 from fake_circusd import config
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
@@ -168,6 +168,12 @@ class FakeLoop:
     def cancel(self) -> None:
         self.timer = None
 
+    def fire(self) -> None:
+        """Run the timer that is due (it is spent once run)."""
+        assert self.timer is not None
+        callback, self.timer = self.timer[1], None
+        callback()
+
 
 def coalescer(reads: list[int]) -> tuple[Coalescer, FakeLoop, list[float]]:
     loop, now = FakeLoop(), [0.0]
@@ -193,23 +199,39 @@ def test_light_traffic_stays_on_readability() -> None:
     assert c.wakeups == 10
 
 
+def test_a_paced_senders_bursts_do_not_flip_it() -> None:
+    # Pairs of datagrams every 2 ms (loadgen's pacing at 1,000/s): one close
+    # pair is no trend.
+    c, loop, now = coalescer([1] * 20)
+    for i in range(10):
+        for offset in (0.0, 0.00005):
+            now[0] = i * 0.002 + offset
+            assert loop.reader is not None and loop.timer is None
+            loop.reader()
+    assert c.wakeups == 20
+
+
 def test_heavy_traffic_moves_to_the_timer_and_back() -> None:
-    c, loop, now = coalescer([1, 1, 12, 30, 64, 20, 1])
-    assert loop.reader is not None
-    loop.reader()  # a first datagram: stay on readability
-    now[0] = 0.0002
-    loop.reader()  # another one 0.2 ms later: heavy, to the timer
+    c, loop, now = coalescer([1, 1, 1, 1, 12, 0, 30, 64, 20, 0, 0, 0])
+    for i in range(TO_TIMER + 1):  # wake-ups 0.1 ms apart: a flood
+        now[0] = i * 0.0001
+        assert loop.reader is not None
+        loop.reader()
     assert loop.reader is None and loop.timer is not None
     assert loop.timer[0] == 0.001
-    loop.timer[1]()  # 12 read: again in 1 ms
+    loop.fire()  # 12 read: again in 1 ms
+    loop.fire()  # 0: one quiet millisecond (a sender's pause) is no end
     assert loop.timer is not None and loop.timer[0] == 0.001
-    loop.timer[1]()  # 30
-    loop.timer[1]()  # 64 = budget: more is queued, read again at once
+    loop.fire()  # 30
+    loop.fire()  # 64 = budget: more is queued, read again at once
     assert loop.timer is not None and loop.timer[0] == 0.0
-    loop.timer[1]()  # 20
-    loop.timer[1]()  # 1: light again, back to readability
-    assert loop.reader is not None
-    assert c.wakeups == 7
+    loop.fire()  # 20
+    for _ in range(TO_READABILITY - 1):
+        loop.fire()  # 0
+        assert loop.reader is None
+    loop.fire()  # TO_READABILITY empty reads in a row: back to readability
+    assert loop.reader is not None and loop.timer is None
+    assert c.wakeups == 12
 
 
 def test_zero_delay_reads_on_every_wake_up() -> None:

@@ -5,12 +5,12 @@ a time (epoll, a loop callback, a Python call, the counters): at a paced flood
 the loop would wake once per datagram or two.  So each socket is read by a
 `Coalescer`: while traffic is light it waits for readability (``add_reader``),
 so a quiet fleet costs nothing extra and a lone heartbeat is read at once; when
-readability wake-ups come closer together than ``batch_delay`` it stops
-watching readability and reads every ``batch_delay`` seconds (a timer), as long
-as those reads find two datagrams or more; then it goes back to
-``add_reader``.  Under a flood, wake-ups then grow with time, not with
-datagrams, and a heartbeat waits at most ``batch_delay`` (<= 5 ms) before it
-reaches the table.  ``batch_delay = 0`` reads on every wake-up.
+readability wake-ups keep coming closer together than ``batch_delay`` it stops
+watching readability and reads every ``batch_delay`` seconds (a timer), until
+a few reads in a row find nothing; then it goes back to ``add_reader``.  Under
+a flood, wake-ups then grow with time, not with datagrams, and a heartbeat
+waits at most ``batch_delay`` (<= 5 ms) before it reaches the table.
+``batch_delay = 0`` reads on every wake-up.
 """
 
 from __future__ import annotations
@@ -118,15 +118,24 @@ def is_socket(path: str) -> bool:
         return False
 
 
+#: Readability wake-ups in a row, each within batch_delay of the one before,
+#: that move a reader to its timer; and empty timer reads in a row that move
+#: it back.  Both want a trend, not one close pair or one quiet millisecond: a
+#: paced sender's bursts (loadgen sends every 2 ms) would flip it every burst.
+TO_TIMER = 3
+TO_READABILITY = 3
+
+
 class Coalescer:
     """Reads one socket: on readability while traffic is light, on a timer
     while it is heavy.
 
     ``read()`` drains what is queued (at most ``budget`` datagrams) and returns
     how many datagrams it read.  Readability wake-ups closer together than
-    ``delay`` mean the timer would wake less often: switch to it.  A timer read
-    that finds fewer than two datagrams means it no longer saves wake-ups:
-    back to readability.
+    ``delay`` mean the timer would wake less often: after ``TO_TIMER`` of them
+    in a row, switch to it.  After ``TO_READABILITY`` empty timer reads in a
+    row the traffic is gone: back to readability, so a quiet fleet costs no
+    timer.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class Coalescer:
         self._clock = clock
         self._timer: asyncio.Handle | None = None
         self._last_ready = -math.inf  # the last readability wake-up
+        self._streak = 0  # close wake-ups, or empty timer reads, in a row
         self.wakeups = 0  # reads so far (readability and timer)
 
     def start(self) -> None:
@@ -163,22 +173,26 @@ class Coalescer:
     def _on_readable(self) -> None:
         self.wakeups += 1
         now = self._clock()
-        busy = now - self._last_ready < self._delay
+        close = now - self._last_ready < self._delay
         self._last_ready = now
-        if self._read() and busy:
+        self._streak = self._streak + 1 if close else 0
+        if self._read() and self._streak >= TO_TIMER:
+            self._streak = 0
             self._loop.remove_reader(self._fd)
             self._timer = self._loop.call_later(self._delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self.wakeups += 1
         n = self._read()
+        self._streak = 0 if n else self._streak + 1
         if n >= self._budget:  # more is queued: read again after other work
             self._timer = self._loop.call_soon(self._on_timer)
-        elif n >= 2:
+        elif self._streak < TO_READABILITY:
             self._timer = self._loop.call_later(self._delay, self._on_timer)
-        else:  # light traffic: readability costs no more wake-ups
+        else:  # the traffic is gone: wait for readability
             self._timer = None
-            self._last_ready = self._clock()
+            self._streak = 0
+            self._last_ready = -math.inf
             self._loop.add_reader(self._fd, self._on_readable)
 
 
