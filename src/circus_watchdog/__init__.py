@@ -2,6 +2,6 @@
 
 from ._core import compiled
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = ("__version__", "compiled")
