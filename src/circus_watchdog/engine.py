@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from . import __version__
@@ -58,16 +57,12 @@ class Watchdog:
         self,
         config: Config,
         *,
-        exclude_pids: Iterable[int] = (),
-        local: bool | None = None,
         loop_name: str = "asyncio",
     ) -> None:
         self.config = config
         self.table = HeartbeatTable(config.timeout, config.tick)
         self.metrics = Metrics()
-        self.registry = Registry(
-            self.table, config, self_pids={os.getpid(), *exclude_pids}
-        )
+        self.registry = Registry(self.table, config, self_pids={os.getpid()})
         self.policy = KillPolicy(
             config.timeout,
             storm_guard=config.storm_guard,
@@ -90,7 +85,7 @@ class Watchdog:
             endpoint=config.endpoint,
             resync_interval=config.resync_interval,
         )
-        local = is_local_endpoint(config.endpoint) if local is None else local
+        local = is_local_endpoint(config.endpoint)
         self.killer = Killer(
             self.client, self.registry, self.metrics, config, local=local
         )
