@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from .pids import stat_fields
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -87,11 +89,10 @@ class ProcStat(NamedTuple):
 
 def read_stat(pid: int, proc: str = PROC) -> ProcStat | None:
     """``pid``'s state, CPU time, threads, RSS and start time, or None."""
+    fields = stat_fields(pid, proc)
+    if fields is None:
+        return None
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            data = f.read()
-        # proc(5): the command name in field 2 may hold spaces and ")".
-        fields = data[data.rindex(b")") + 2 :].split()
         return ProcStat(
             fields[0].decode("ascii"),
             (int(fields[11]) + int(fields[12])) / _CLK_TCK,  # fields 14, 15
@@ -99,7 +100,7 @@ def read_stat(pid: int, proc: str = PROC) -> ProcStat | None:
             int(fields[21]) * _PAGE,  # field 24
             int(fields[19]),  # field 22
         )
-    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+    except (ValueError, IndexError, UnicodeDecodeError):
         return None
 
 

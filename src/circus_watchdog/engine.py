@@ -90,7 +90,6 @@ class Watchdog:
             self.client, self.registry, self.metrics, config, local=local
         )
         self.info = version_info(loop_name)
-        self.metrics_address: tuple[str, int] | None = None
         self._drops_at_tick = 0  # the table's kernel drop count at the last tick
 
     @property
@@ -149,7 +148,6 @@ class Watchdog:
         server = await serve_http(
             config.metrics_host, config.metrics_port, registry, self.status
         )
-        self.metrics_address = server.sockets[0].getsockname()[:2]
         if not ipaddress.ip_address(config.metrics_host).is_loopback:
             logger.warning(
                 "metrics_host %s is not loopback: /metrics and /status (pids, "

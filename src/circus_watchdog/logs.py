@@ -16,7 +16,6 @@ import errno
 import logging
 import logging.handlers
 import os
-import stat
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlparse
@@ -25,6 +24,7 @@ from circus.config import read_config
 from circus.util import LOG_DATE_FMT, LOG_DATE_SYSLOG_FMT, LOG_FMT
 
 from .config import Config, ConfigError
+from .receiver import is_socket
 
 __all__ = ["circusd_log_output", "configure", "configure_plugin_default"]
 
@@ -103,7 +103,7 @@ def _syslog(url: str) -> logging.Handler:
         address = (info.hostname or "localhost", info.port or 514)
     else:
         address = info.path
-        if not _is_socket(address):  # SysLogHandler would only fail on emit
+        if not is_socket(address):  # SysLogHandler would only fail on emit
             raise OSError(errno.ENOTSOCK, "no socket there")
     return logging.handlers.SysLogHandler(address=address, facility=facility)
 
@@ -220,17 +220,10 @@ def _circusd_handler() -> logging.Handler | None:
     except ConfigError:
         return None  # circusd could not open it either
     except OSError as exc:
-        if exc.errno != errno.ENXIO or not _is_socket(DEV_LOG):
+        if exc.errno != errno.ENXIO or not is_socket(DEV_LOG):
             return None  # not Linux
         # A socket: under systemd, the journal's; its syslog socket files the
         # line under circusd's unit all the same.
         return _handler("syslog://" + DEV_LOG)
     handler.setFormatter(logging.Formatter(fmt=LOG_FMT, datefmt=LOG_DATE_FMT))
     return handler
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False

@@ -14,6 +14,20 @@ def is_pid(value: object) -> TypeGuard[int]:
     return type(value) is int and 1 <= value <= PID_MAX
 
 
+def stat_fields(pid: int, proc: str = "/proc") -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (the state
+    letter first, so field N of proc(5) is at index N - 3), or None."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return None
+    # proc(5): the command name may hold any byte, ")" and spaces included;
+    # every later field is a number or the state, so it ends at the last ")".
+    end = data.rfind(b")")
+    return data[end + 2 :].split() if end > 0 else None
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` runs on this host; a zombie counts as gone."""
     try:
@@ -22,8 +36,7 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # it exists, owned by another user
-    try:  # a zombie is dead, only not yet reaped by its parent
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS), or it vanished meanwhile: trust kill(0)
+    # A zombie is dead, only not yet reaped by its parent. No /proc (macOS),
+    # or it vanished meanwhile: trust kill(0).
+    fields = stat_fields(pid)
+    return not fields or fields[0] != b"Z"

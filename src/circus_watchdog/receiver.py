@@ -114,7 +114,7 @@ def is_socket(path: str) -> bool:
     """True if ``path`` names a Unix socket."""
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
-    except FileNotFoundError:
+    except OSError:
         return False
 
 
