@@ -64,3 +64,32 @@ def test_env_var_forces_pure_python() -> None:
         CIRCUS_WATCHDOG_NO_EXTENSIONS="1",
     )
     assert out == "False circus_watchdog._core_py"
+
+
+def test_broken_c_extension_falls_back() -> None:
+    """A compiled core whose import raises anything (here a RuntimeError from
+    its module init) leaves ``import circus_watchdog`` working on the pure
+    core, with a RuntimeWarning that names the error."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'circus_watchdog._core_c':\n"
+        "            raise RuntimeError('init failed')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import circus_watchdog, circus_watchdog.core as c\n"
+        "print(circus_watchdog.compiled, c.HeartbeatTable.__module__)\n"
+    )
+    environ = {
+        k: v for k, v in os.environ.items() if k != "CIRCUS_WATCHDOG_NO_EXTENSIONS"
+    }
+    out = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "False circus_watchdog._core_py"
+    assert "RuntimeWarning" in out.stderr and "init failed" in out.stderr

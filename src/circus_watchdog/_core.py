@@ -2,7 +2,9 @@
 
 Order: the pure twin for type checkers (it is the typing source of truth);
 the pure twin when CIRCUS_WATCHDOG_NO_EXTENSIONS is set, off CPython, or off
-Linux (no recvmmsg); else the compiled twin, or the pure one if it is not built.
+Linux (no recvmmsg); else the compiled twin, or the pure one if it is not
+built or its import fails in any way (with a RuntimeWarning unless it is
+simply absent): a broken build never breaks ``import circus_watchdog``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import os
 import platform
 import sys
+import warnings
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -37,7 +40,15 @@ def _choose() -> tuple[ModuleType, bool]:
         return _core_py, False
     try:
         return importlib.import_module(f"{__package__}._core_c"), True
-    except ImportError:
+    except ImportError:  # not built, or built for another ABI
+        return _core_py, False
+    except Exception as exc:  # noqa: BLE001 - its module init failed: never fatal
+        warnings.warn(
+            f"circus-watchdog: the compiled core failed to import ({exc!r}); "
+            "using the pure-Python core",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return _core_py, False
 
 

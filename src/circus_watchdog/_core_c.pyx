@@ -1,4 +1,7 @@
-# cython: language_level=3, freethreading_compatible=True
+# cython: language_level=3
+# Not freethreading_compatible: a HeartbeatTable and its receive buffers are
+# not safe to share between threads (no locks; the engine drives each table
+# from its one event loop), so a free-threaded build keeps the GIL on import.
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 # cython: binding=False
 # Compiled twin of _core_py.py: the same algorithm on C arrays, so a datagram
@@ -26,6 +29,7 @@ from ._syscalls cimport (
     CMSG_FIRSTHDR,
     CMSG_LEN,
     CMSG_NXTHDR,
+    CMSG_SPACE,
     MSG_CMSG_CLOEXEC,
     MSG_CTRUNC,
     SCM_CREDENTIALS,
@@ -55,9 +59,6 @@ cdef extern from "<string.h>" nogil:
 
 import os
 
-from ._core_py import _CONTROL_SIZE as _PY_CONTROL_SIZE
-from ._core_py import MAX_DATAGRAM as _PY_MAX_DATAGRAM
-from ._core_py import PID_MAX as _PY_PID_MAX
 from ._core_py import (
     DrainCounts,
     _check_args,
@@ -73,19 +74,23 @@ cdef enum:
     BATCH = 64
     RECV_SIZE = MAX_DATAGRAM + 1  # one spare byte tells an oversized datagram
     SEND_SIZE = 48  # "2147483647;" + a %.3f timestamp fits easily
-    # Room for the control messages of one datagram: SO_RXQ_OVFL,
-    # CMSG_SPACE(4) = 24, SCM_CREDENTIALS, CMSG_SPACE(sizeof(struct ucred)) =
-    # 32, and SCM_RIGHTS with up to 32 descriptors, CMSG_SPACE(32 * 4) = 144,
-    # on LP64.  The kernel closes the descriptors that do not fit and sets
-    # MSG_CTRUNC (unix(7)); _core_py._CONTROL_SIZE is the same sum.
-    CONTROL_SIZE = 200
+    # SCM_RIGHTS descriptors that fit the control buffer; the kernel closes
+    # the rest and sets MSG_CTRUNC (unix(7)).  _core_py._MAX_PASSED_FDS.
+    MAX_PASSED_FDS = 32
     NONE = -1
     EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
 
-cdef int32_t PID_MAX = 2147483647
+cdef int32_t PID_MAX = 2147483647  # as _core_py's (the twin tests hold both)
 
-assert _PY_MAX_DATAGRAM == MAX_DATAGRAM and _PY_PID_MAX == PID_MAX
-assert _PY_CONTROL_SIZE == CONTROL_SIZE
+# Room for the control messages of one datagram: SO_RXQ_OVFL (a uint32_t drop
+# count), SCM_CREDENTIALS (a struct ucred) and SCM_RIGHTS (up to
+# MAX_PASSED_FDS ints), each padded by CMSG_SPACE(3) as this platform's
+# headers define it; _core_py._CONTROL_SIZE is the same sum (socket.CMSG_SPACE).
+cdef size_t CONTROL_SIZE = (
+    CMSG_SPACE(sizeof(uint32_t))
+    + CMSG_SPACE(sizeof(ucred))
+    + CMSG_SPACE(MAX_PASSED_FDS * sizeof(int))
+)
 
 
 ctypedef struct Slot:
