@@ -35,10 +35,7 @@ from support import (
     worker_cmd,
 )
 
-pytestmark = [
-    pytest.mark.circusd,
-    pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc"),
-]
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 
 Start = Callable[..., Circusd]
 LOOP_RATE = 0.5  # seconds

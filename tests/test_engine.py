@@ -33,8 +33,6 @@ from support import (
     worker_cmd,
 )
 
-pytestmark = pytest.mark.circusd
-
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Start = Callable[..., Circusd]
 

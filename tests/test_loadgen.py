@@ -395,7 +395,6 @@ def test_python_dash_m_from_repo_root(receiver: Receiver) -> None:
     assert receiver.settle(1000) == 1000
 
 
-@pytest.mark.circusd
 def test_endpoint_reads_pids_from_circusd(
     circusd_factory: Callable[..., Any],
     receiver: Receiver,
