@@ -1,4 +1,4 @@
-"""Diagnostics before a kill (issue 11) on a real circusd, with the standalone
+"""Diagnostics before a kill on a real circusd, with the standalone
 ``circus-watchdog``: the real ``py-spy dump`` names the function a hung worker
 is stuck in; a missing program and a command that outlives
 ``diagnostic_timeout`` do not hold the kill past it; a burst of kills runs at

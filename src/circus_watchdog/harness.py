@@ -14,8 +14,8 @@ stops every circusd it started, and everything they started, on exit::
         circusd.wait_for(lambda: len(circusd.pids("app")) == 2, timeout=5)
 
 ``standalone_pool(workdir)`` does the same for the ``circus-watchdog`` command.
-Only loopback is ever used. psutil (a test extra) is imported only by the
-helpers that end processes, so importing this module does not need it.
+Only loopback is ever used. psutil (a runtime dependency) is imported only
+by the helpers that end processes.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ STANDALONE_START_BOUND = 15.0  # seconds for the command to answer on its metric
 
 
 def _psutil() -> ModuleType:
-    # Lazy: psutil is a test extra, and only ending processes needs it.
+    # Lazy: only ending processes needs psutil.
     import psutil  # noqa: PLC0415
 
     module: ModuleType = psutil
