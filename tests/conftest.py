@@ -28,8 +28,9 @@ import pytest
 C_EXT_MARK = pytest.mark.c_extension
 CIRCUSD_MARK = pytest.mark.circusd
 
-#: Fixtures that start a real circusd: a test that takes one, directly or
-#: through another fixture, is marked ``circusd``.
+#: The fixtures of real-circusd tests (``circusd_factory`` starts circusd,
+#: ``standalone`` the daemon that watches one): a test that takes one, directly
+#: or through another fixture, is marked ``circusd``.
 CIRCUSD_FIXTURES = frozenset({"circusd_factory", "standalone"})
 
 
@@ -66,7 +67,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "c_extension: tests of the compiled core (--no-c-extensions skips)"
     )
-    config.addinivalue_line("markers", "circusd: starts a real circusd")
+    config.addinivalue_line(
+        "markers", "circusd: starts a real circusd (set from the fixtures it takes)"
+    )
 
 
 def pytest_collection_modifyitems(
@@ -107,8 +110,10 @@ def _children(pid: int) -> list[int]:
     return pids
 
 
-def _circusd_descendants() -> list[str]:
-    found = []
+def _circusd_descendants() -> dict[int, str]:
+    """pid -> command line of each circusd this process started (or its
+    children did)."""
+    found = {}
     pids = _children(os.getpid())
     for _ in range(1000):  # a bound: far more descendants than any test has
         if not pids:
@@ -123,24 +128,31 @@ def _circusd_descendants() -> list[str]:
         if "circus.circusd" in cmdline or any(
             os.path.basename(arg) == "circusd" for arg in cmdline[:2]
         ):
-            found.append(" ".join(cmdline).strip())
+            found[pid] = " ".join(cmdline).strip()
     return found
 
 
 @pytest.fixture(autouse=True)
 def _no_stray_circusd(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test not marked ``circusd`` that starts a circusd (checked five
-    times a second while it runs: circusd takes longer than that to start)."""
+    times a second while it runs: circusd takes longer than that to start).
+    One already running (a module's fixture) is not this test's."""
     if request.node.get_closest_marker("circusd") is not None:
         yield
         return
+    before = _circusd_descendants()
     seen: list[str] = []
     done = threading.Event()
+
+    def new() -> list[str]:
+        return [
+            line for pid, line in _circusd_descendants().items() if pid not in before
+        ]
 
     def watch() -> None:
         # Bounded by the test: done is set when it ends.
         while not seen and not done.wait(0.2):
-            seen.extend(_circusd_descendants())
+            seen.extend(new())
 
     watcher = threading.Thread(target=watch, name="no-stray-circusd", daemon=True)
     watcher.start()
@@ -149,7 +161,7 @@ def _no_stray_circusd(request: pytest.FixtureRequest) -> Iterator[None]:
     finally:
         done.set()
         watcher.join()
-    seen.extend(_circusd_descendants())
+    seen.extend(new())
     assert not seen, (
         f"this test started circusd ({seen[0]}) but is not marked circusd: "
         "take the circusd_factory fixture or add @pytest.mark.circusd"
