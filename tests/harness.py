@@ -71,9 +71,16 @@ def free_udp_port() -> int:
         return port
 
 
+def scaled(seconds: float) -> float:
+    """``seconds`` times CIRCUS_WATCHDOG_TEST_SLACK (default 1): the one factor
+    by which a slow or loaded machine stretches every wait and timing bound."""
+    return seconds * float(os.environ.get("CIRCUS_WATCHDOG_TEST_SLACK") or 1)
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
     """Poll ``predicate`` until it is truthy and return its value;
-    AssertionError after ``timeout`` seconds."""
+    AssertionError after ``scaled(timeout)`` seconds."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / interval) + 2):
         value = predicate()

@@ -21,8 +21,6 @@ from support import (
     worker_cmd,
 )
 
-pytestmark = pytest.mark.circusd
-
 LOOP_RATE, MAX_COUNT = 0.5, 2
 TIMEOUT = LOOP_RATE * MAX_COUNT
 FLAGS = ["--loop-rate", str(LOOP_RATE), "--max-count", str(MAX_COUNT)]

@@ -34,8 +34,6 @@ from support import (
     worker_cmd,
 )
 
-pytestmark = pytest.mark.circusd
-
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Start = Callable[..., Circusd]
 

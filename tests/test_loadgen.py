@@ -406,7 +406,6 @@ def test_installed_command(receiver: Receiver, tmp_path: Path, how: str) -> None
     assert receiver.settle(1000) == 1000
 
 
-@pytest.mark.circusd
 def test_endpoint_reads_pids_from_circusd(
     circusd_factory: Callable[..., Any],
     receiver: Receiver,
