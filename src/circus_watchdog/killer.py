@@ -24,12 +24,13 @@ from typing import Any
 
 from .ancestry import parent_pid
 from .circusd import CircusError
-from .config import Config, split_tcp
+from .config import Config
 from .diagnostics import Diagnostics, KillReport, Snapshot
 from .metrics import Metrics
 from .pids import alive
 from .registry import Registry
 from .sync import Caller
+from .values import split_tcp
 
 logger = logging.getLogger("circus.watchdog")
 

@@ -13,6 +13,7 @@ from typing import Any
 from circus.plugins import CircusPlugin
 
 from . import logs, runner
+from .circus_ini import plugin_options
 from .config import Config, ConfigError
 
 logger = logging.getLogger("circus.watchdog")
@@ -78,15 +79,18 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         # A bad option is reported by start(), where circusd's log is reached:
         # circus runs this constructor outside any handler, so an exception here
         # would only reach the plugin's stderr, which circus discards.
+        # Warnings wait for start() too: logging is not set up yet.
         self.watchdog_config: Config | None = None
         self.error: str | None = None
+        source = f"[{config.get('name', 'plugin:' + self.name)}]"
+        options, self.warnings = plugin_options(config, source)
         try:
             if ssh_server:
                 raise ConfigError(
                     "ssh_server: circus-watchdog does not tunnel over ssh"
                 )
             self.watchdog_config = Config.from_options(
-                config, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
+                options, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
             )
         except ConfigError as exc:
             self.error = str(exc)
@@ -111,7 +115,7 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
                     stop_setter=self._set_stopper,
                 )
             except OSError as exc:
-                self._idle(_without_errno(exc))
+                self._idle(runner.error_line(exc))
         finally:
             self.running = False
 
@@ -119,15 +123,19 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         """Log as configured and return the config; else report why, and idle."""
         config = self.watchdog_config
         try:
-            if config is not None:
+            if config is None:
+                # Another option is bad: log_output and log_level may be good.
+                options = {k: v for k, v in self.config.items() if k in LOG_OPTIONS}
+                logs.configure(Config.from_options(options), plugin=True)
+            else:
                 logs.configure(config, plugin=True)
-                return config
-            # Another option is bad: log_output and log_level may still be good.
-            options = {k: v for k, v in self.config.items() if k in LOG_OPTIONS}
-            logs.configure(Config.from_options(options), plugin=True)
         except ConfigError as exc:
             self.error = self.error or str(exc)
             logs.configure_plugin_default()
+        for warning in self.warnings:
+            logger.warning("%s", warning)
+        if config is not None and self.error is None:
+            return config
         self._idle(self.error or "no configuration")
         return None
 
@@ -159,11 +167,3 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         self._stopped.set()
         if self._stop is not None:
             self._stop()
-
-
-def _without_errno(exc: OSError) -> str:
-    """The message of an OSError that names its option, without "[Errno N]"."""
-    plain = os.strerror(exc.errno) if exc.errno else None
-    if exc.strerror and exc.strerror != plain:
-        return str(exc.strerror)
-    return str(exc)
