@@ -745,3 +745,15 @@ def test_doc_option_table_lists_every_option() -> None:
         assert row_name == ("(circus passes it)" if name in ENDPOINTS else f"`{name}`")
         if option.default and not option.shown_default:
             assert default == f"`{option.default}`", name
+
+
+def test_plugin_docstring_lists_every_option_with_its_default() -> None:
+    from circus_watchdog.plugin import WatchDog as Ours  # noqa: PLC0415
+
+    doc = " ".join((Ours.__doc__ or "").split())  # one line: wrapped items join
+    listed = dict(re.findall(r"- \*\*(\w+)\*\* -- .*?\(default: (.+?)\)(?= -|$)", doc))
+    plugin = {n: o for n, o in config_module.OPTIONS.items() if o.plugin}
+    assert sorted(listed) == sorted(plugin)  # every option, once
+    for name, option in plugin.items():
+        shown = option.shown_default or f"``{option.default}``"
+        assert listed[name] == shown, name
