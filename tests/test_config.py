@@ -739,6 +739,7 @@ def test_doc_option_table_lists_every_option() -> None:
     rows = re.findall(r"^\| (.+?) \| `(--[\w-]+)`[^|]* \| (.+?) \|", table, re.M)
     by_flag = {row_flag: (name, default) for name, row_flag, default in rows}
     assert len(by_flag) == len(rows) == len(NAMES)
+    assert list(by_flag) == [flag(name) for name in NAMES]  # --help's order
     for name in NAMES:
         option = config_module.OPTIONS[name]
         row_name, default = by_flag[flag(name)]
