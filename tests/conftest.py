@@ -105,7 +105,7 @@ def loop_factory(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def
 @pytest.fixture
 def circusd_factory(tmp_path):  # type: ignore[no-untyped-def]
     """``start(sections, **kw) -> Circusd``; every circusd is stopped at teardown."""
-    from circus_watchdog.harness import circusd_pool
+    from support import circusd_pool
 
     with circusd_pool(tmp_path) as start:
         yield start
@@ -125,7 +125,7 @@ def core_tag(core_module: CoreModule, monkeypatch: pytest.MonkeyPatch) -> str:
 def standalone(tmp_path):  # type: ignore[no-untyped-def]
     """``start(circusd, *flags, core=TAG) -> Standalone``: a running
     ``circus-watchdog``, killed at teardown if still up."""
-    from circus_watchdog.harness import standalone_pool
+    from support import standalone_pool
 
     with standalone_pool(tmp_path) as start:
         yield start

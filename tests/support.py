@@ -1,6 +1,6 @@
-"""Test-only helpers; what tests share with the benchmarks and the demo
-(circusd start-up, free ports, the standalone command, /status and /metrics
-readers) lives in circus_watchdog.harness and is re-exported here.
+"""What tests import, from this one module: the test-only helpers below and,
+re-exported, what tests share with the benchmarks (tests/harness.py: circusd
+start-up, free ports, the standalone command, /status and /metrics readers).
 
 Take the ``circusd_factory`` fixture (tests/conftest.py), which stops every
 circusd it started, and everything they started, when the test ends::
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from circus_watchdog.harness import (
+from harness import (
     CONFLICT,
     SLEEPER,
     STANDALONE_EXIT_BOUND,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-import loadgen.__main__ as loadgen
+import circus_watchdog.loadgen.__main__ as loadgen
 from support import (
     SLEEPER,
     Circusd,
