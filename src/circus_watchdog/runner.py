@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import engine, metrics, receiver
+from . import engine, metrics, sockets
 from .config import Config
 from .engine import Watchdog
 
@@ -54,10 +54,10 @@ def check(config: Config) -> None:
     """Bind the sockets ``config`` asks for and release them; OSError naming the
     option (the daemon's own message) for the first that cannot be bound."""
     if config.port:
-        receiver.bind_udp(config).close()
+        sockets.bind_udp(config).close()
     path = config.unix_socket
-    if path is not None and not receiver.is_socket(path):
-        receiver.bind_unix(config).close()
+    if path is not None and not sockets.is_socket(path):
+        sockets.bind_unix(config).close()
         if not path.startswith("@"):
             os.unlink(path)
     if config.metrics_port:
