@@ -119,7 +119,8 @@ def test_py_spy_capture_names_the_hung_function(
     if why is not None:
         pytest.skip(why)
     options = docs_options()  # the documented example, run as written
-    argv = shlex.split(options["diagnostic_command"])
+    (passed,) = shlex.split(options["diagnostic_command"])  # circus unquotes it
+    argv = shlex.split(passed)
     assert argv[0] == "py-spy"
     command = shlex.join([str(PY_SPY), *argv[1:]])
     udp, hangs, captures = free_udp_port(), tmp_path / "hangs", tmp_path / "caps"

@@ -269,3 +269,43 @@ log_output = {own}
     circusd.wait_for(lambda: has_started(own, quiet), timeout=15)
     assert not any("[INFO]" in line for line in lines(circusd.log, quiet))
     assert not lines(own, loud)
+
+
+def test_option_warnings_reach_circusd_log(
+    circusd_factory: Callable[..., Circusd],
+) -> None:
+    """A typo'd option, and an empty value that swallows the option after it:
+    one warning each, in circusd's log (default logging), in its line format."""
+    sections = f"""
+[plugin:typo]
+use = circus_watchdog.plugin.WatchDog
+watchers_regex = ^nothing$
+port = {free_udp_port()}
+loop_rat = 5
+
+[plugin:empty]
+use = circus_watchdog.plugin.WatchDog
+watchers_regex = ^nothing$
+port = {free_udp_port()}
+grace =
+max_count = 5
+"""
+    circusd = circusd_factory(sections)
+    (typo,) = circusd.wait_for(lambda: circusd.pids("plugin:typo"), timeout=10)
+    (empty,) = circusd.wait_for(lambda: circusd.pids("plugin:empty"), timeout=10)
+
+    def warnings(pid: int) -> list[str]:
+        tag = f"circus.watchdog[{pid}] [WARNING] "
+        text = circusd.log.read_text(errors="replace")
+        found = [line.split(tag, 1)[1] for line in text.splitlines() if tag in line]
+        return [w for w in found if "option" in w]  # not the pure core's, say
+
+    circusd.wait_for(lambda: warnings(typo) and warnings(empty), timeout=15)
+    assert warnings(typo) == [
+        "ignoring unknown option(s) in [plugin:typo]: "
+        "'loop_rat' (did you mean 'loop_rate'?)"
+    ]
+    assert warnings(empty) == [
+        "an empty option in [plugin:empty] made circus drop the option after it "
+        "(max_count): delete empty options"
+    ]

@@ -23,12 +23,13 @@ import time
 from typing import Any
 
 from .circusd import CircusError
-from .config import Config, split_tcp
+from .config import Config
 from .diagnostics import Diagnostics, KillReport, Snapshot
 from .metrics import Metrics
 from .procfs import alive, parent_pid
 from .registry import Registry
 from .sync import Caller
+from .values import split_tcp
 
 logger = logging.getLogger("circus.watchdog")
 
