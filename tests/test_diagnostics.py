@@ -26,6 +26,7 @@ from circus_watchdog.diagnostics import (
     Diagnostics,
     KillLog,
     Snapshot,
+    Why,
     expand,
     kill_line,
     read_stat,
@@ -155,12 +156,12 @@ def test_gone_pid_is_all_none(spawn):  # type: ignore[no-untyped-def]
 
 def test_describe_reads_at_a_glance():  # type: ignore[no-untyped-def]
     snap = Snapshot(4242, "S", "futex_wait_queue", 0.0, 15.0, 12, 180_000_000, 9)
-    assert kill_line("web", 4242, 15.24, 15, snap) == (
+    assert kill_line("web", 4242, Why(15.24, 15, 0.0), snap) == (
         "killing web pid 4242: silent 15.2 s (timeout 15 s); sleeping in "
         "futex_wait_queue, 0.00 s CPU since its last heartbeat, 12 threads, "
         "180 MB, 9 open fds"
     )
-    assert kill_line("web", 1, 3, 3, Snapshot(1, "R"), dry_run=True) == (
+    assert kill_line("web", 1, Why(3, 3, 0.0), Snapshot(1, "R"), dry_run=True) == (
         "dry run: would kill web pid 1: silent 3.0 s (timeout 3 s); running"
     )
     assert snap.as_dict()["wchan"] == "futex_wait_queue"
@@ -433,7 +434,9 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
     diag.tick(FakeTable({pid: time.monotonic()}), time.monotonic())
     report = run(
         loop_factory,
-        diag.before_kill(pid, "web", 3.0, time.monotonic() + 3.5, dry_run=False),
+        diag.before_kill(
+            pid, "web", Why(3.5, 3.0, time.monotonic() + 3.5), dry_run=False
+        ),
     )
     assert report.snapshot.state == "S" and report.silent_for >= 3.5
     assert report.capture is not None
@@ -487,15 +490,17 @@ def test_killer_inspects_only_children_of_circusd(  # type: ignore[no-untyped-de
     registry.apply_listing({"web": [pid]}, 0.0, fresh=True)
     # Another pid namespace looks like this: circusd's pid is not the parent.
     client = Dstats(os.getpid() if circusd_is_parent else 1)
-    killer = Killer(client, registry, Metrics(), config, local=True)  # type: ignore[arg-type]
+    metrics = Metrics()
+    diagnostics = Diagnostics(config, metrics, local=True)
+    killer = Killer(client, registry, metrics, config, diagnostics, local=True)  # type: ignore[arg-type]
 
     async def dry_run() -> None:
-        killer.kill(pid, "web", 5.0, dry_run=True)
+        killer.kill(pid, "web", Why(3.0, 3.0, 5.0), dry_run=True)
         await asyncio.gather(*killer._tasks)
 
     with caplog.at_level(logging.WARNING, "circus.watchdog"):
         run(asyncio.new_event_loop, dry_run())
-    kill = killer.diagnostics.recent_kills()[0]
+    kill = diagnostics.recent_kills()[0]
     assert (kill["pid"], kill["outcome"]) == (pid, "dry_run")
     assert client.calls == ["dstats"]
     if circusd_is_parent:

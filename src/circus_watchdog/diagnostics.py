@@ -267,20 +267,24 @@ class Snapshot:
         return asdict(self)
 
 
+class Why(NamedTuple):
+    """Why a pid is killed, as its kill line says it."""
+
+    silent_for: float  # seconds since its last heartbeat
+    timeout: float  # its watcher's timeout
+    now: float  # monotonic time of the decision
+    detail: str = ""  # the evidence and the hold, if any
+
+
 def kill_line(
-    watcher: str,
-    pid: int,
-    silent_for: float,
-    timeout: float,
-    snapshot: Snapshot,
-    *,
-    dry_run: bool = False,
+    watcher: str, pid: int, why: Why, snapshot: Snapshot, *, dry_run: bool = False
 ) -> str:
-    """The log line of a kill: who, how long silent, and the snapshot."""
+    """The log line of a kill: who, how long silent, why, and the snapshot."""
     verb = "dry run: would kill" if dry_run else "killing"
+    detail = f"; {why.detail}" if why.detail else ""
     return (
-        f"{verb} {watcher} pid {pid}: silent {silent_for:.1f} s "
-        f"(timeout {timeout:g} s); {snapshot.describe()}"
+        f"{verb} {watcher} pid {pid}: silent {why.silent_for:.1f} s "
+        f"(timeout {why.timeout:g} s){detail}; {snapshot.describe()}"
     )
 
 
@@ -620,8 +624,7 @@ class Diagnostics:
         self,
         pid: int,
         watcher: str,
-        timeout: float,
-        now: float,
+        why: Why,
         *,
         dry_run: bool,
         inspect: bool = True,
@@ -637,11 +640,11 @@ class Diagnostics:
         when = time.time()
         base = self.sampler.baseline(pid)
         self.sampler.forget(pid)
-        silent = timeout if base is None else max(timeout, now - base.beat)
+        silent = why.silent_for
         snapshot = (
-            Snapshot.take(pid, base, now, self.proc) if inspect else Snapshot(pid)
+            Snapshot.take(pid, base, why.now, self.proc) if inspect else Snapshot(pid)
         )
-        line = kill_line(watcher, pid, silent, timeout, snapshot, dry_run=dry_run)
+        line = kill_line(watcher, pid, why, snapshot, dry_run=dry_run)
         logger.warning("%s", line)
         capture = await self._capture(pid, watcher) if inspect else None
         path = None
