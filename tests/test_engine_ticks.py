@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from circus_watchdog import engine, evidence
+from circus_watchdog import engine, evidence, holds
 from circus_watchdog.diagnostics import Why
 from circus_watchdog.evidence import MIN_WINDOW, Examiner
 from circus_watchdog.policy import HOLD_LIMIT
@@ -172,8 +172,8 @@ def test_hold_lines_are_capped_per_tick(
     caplog.set_level(logging.WARNING, "circus.watchdog")
     wd.tick(T0 + TIMEOUT + 0.5)
     lines = messages(caplog)
-    assert len([m for m in lines if m.startswith("holding")]) == engine.HOLD_LINES
-    assert f"and {50 - engine.HOLD_LINES} more storm hold(s) started" in lines
+    assert len([m for m in lines if m.startswith("holding")]) == holds.HOLD_LINES
+    assert f"and {50 - holds.HOLD_LINES} more storm hold(s) started" in lines
     assert wd.metrics.kills_held["storm"] == 50
 
 
