@@ -239,17 +239,22 @@ class Watchdog:
         self.holds.flush()
 
     def examine(self, pids: list[int], now: float, *, dry_run: bool) -> None:
-        """Read each late pid (at most READINGS_PER_TICK; the rest wait a
-        tick) and watch it one more tick, hold it, or kill it."""
-        window = self.table.tick / 2  # expires again on the next tick
-        for n, pid in enumerate(pids):
-            late = self.registry.late(pid)
-            if late is None:
+        """Read each late pid and watch it one more tick, hold it, or kill it.
+
+        At most READINGS_PER_TICK readings, second readings first; the rest
+        are deferred, half a tick's readings to each following tick.
+        """
+        tick = self.table.tick
+        window = tick / 2  # expires again on the next tick
+        late = [(p, r) for p in pids if (r := self.registry.late(p)) is not None]
+        if len(late) > READINGS_PER_TICK:  # finish what was begun first
+            late.sort(key=lambda item: item[1].reading is None)
+        for n, (pid, record) in enumerate(late):
+            if n >= READINGS_PER_TICK:
+                turn = (n - READINGS_PER_TICK) // (READINGS_PER_TICK // 2)
+                self.registry.rearm(pid, now, window + turn * tick, record.reading)
                 continue
-            if n >= READINGS_PER_TICK:  # deferred
-                self.registry.rearm(pid, now, window, late.reading)
-                continue
-            found = self.examiner.examine(pid, late.watcher, late.reading, now)
+            found = self.examiner.examine(pid, record.watcher, record.reading, now)
             if found.verdict == "watch":
                 self.registry.rearm(pid, now, window, found.reading)
             elif found.reason is not None:
