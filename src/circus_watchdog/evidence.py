@@ -46,7 +46,16 @@ import os
 from typing import NamedTuple
 
 from .policy import judge
-from .procfs import PROC, Sched, comm, cpu_pressure, parent_pid, read_sched, sched_info
+from .procfs import (
+    PROC,
+    Sched,
+    alive,
+    comm,
+    cpu_pressure,
+    parent_pid,
+    read_sched,
+    sched_info,
+)
 
 logger = logging.getLogger("circus.watchdog")
 
@@ -99,6 +108,8 @@ class Examiner:
         reading (None: this is the first)."""
         second = read_sched(pid, now, self.proc)
         if second is None:
+            if not alive(pid, self.proc):  # gone: circusd will report it
+                return Finding("kill", words="no evidence (it is gone)")
             self._unreadable(pid, watcher)
             return Finding("kill", words="no evidence (its /proc is unreadable)")
         if first is None or first.start != second.start:
