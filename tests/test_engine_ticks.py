@@ -309,3 +309,23 @@ def test_a_start_that_fails_says_it_did_not_start(
                 asyncio.run(wd.run(asyncio.Event()))
     lines = [r.getMessage() for r in caplog.records]
     assert "watchdog did not start" in lines and "watchdog stopped" not in lines
+
+
+def test_a_stall_in_the_evidence_window_delays_the_kill_by_a_tick(
+    make: Any, tmp_path: Path
+) -> None:
+    wd = make({"web": [10, 12, 13, 14]})
+    proc = examined(wd, tmp_path)
+    fake_stat(proc, 10, cpu_ticks=0)
+    fake_task(proc, 10, 10, 0, 0)  # asleep: hung
+    now = beat_others(wd, T0, T0 + TIMEOUT + TICK, 12, 13, 14)
+    late = wd.registry.late(10)
+    assert late is not None and late.reading is not None  # first reading taken
+    now += TICK
+    beat(wd, now, 12, 13, 14)
+    wd.tick(now, late=True)  # the watchdog froze: no kill, no hold
+    assert wd.killer.kills == [] and wd.status(now)["holds"] == []  # type: ignore[attr-defined]
+    assert wd.metrics.stalls == 1
+    now = beat_others(wd, now, now + 2 * TICK, 12, 13, 14)
+    kills = wd.killer.kills  # type: ignore[attr-defined]
+    assert [k[0] for k in kills] == [10] and "held" not in kills[0][2].detail

@@ -253,3 +253,12 @@ def test_with_evidence_late_pids_are_examined_but_not_past_the_bound() -> None:
 def test_dry_run_decides_but_marks_it() -> None:
     d = decide(KillPolicy(T, dry_run=True), 10.0, [1], 100)
     assert d.kill == [1] and d.dry_run
+
+
+def test_a_stall_mid_evidence_watches_on_instead_of_holding() -> None:
+    expired = late(1, 2, now=10.0)
+    expired[1][1].reading = "first reading"
+    d = KillPolicy(T, evidence=True).decide(
+        10.0, expired, monitored=10, silent=2, stalled=True
+    )
+    assert d.hold == [(1, "stall")] and d.watch == [2] and d.kill == []

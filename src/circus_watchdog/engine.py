@@ -235,6 +235,10 @@ class Watchdog:
                 self.hold(pid, reason, now, decision.storm or _own(reason, drops))
             for pid in decision.kill:
                 self.kill(pid, now, dry_run=decision.dry_run)
+            for pid in decision.watch:  # keeps its first reading
+                first = registry.late(pid)
+                reading = None if first is None else first.reading
+                registry.rearm(pid, now, self.table.tick / 2, reading)
             self.examine(decision.examine, now, dry_run=decision.dry_run)
         self.holds.flush()
 

@@ -6,7 +6,10 @@ expired into kills, holds and pids to examine:
 
 - Self-stall (reason ``stall``): a tick that runs more than one tick late
   means the watchdog itself was frozen (blocked loop, paused VM, SIGSTOP), so
-  the silence it sees may be its own.  Nothing is killed on that tick.
+  the silence it sees may be its own.  Nothing is killed on that tick.  A pid
+  already being examined (silent for a whole timeout before the freeze) is
+  not held but watched one more evidence window (``watch``): its heartbeats,
+  if the freeze kept them in the socket, are read by then.
 - Kernel drops (``kernel_drops``): the kernel dropped heartbeats since the
   last tick (a full socket buffer): a silent pid may have beaten.
 - Storm guard (``storm``): when more than ``max_kill_fraction`` of the
@@ -77,6 +80,7 @@ class Decision:
     kill: list[int] = field(default_factory=list)
     hold: list[tuple[int, str]] = field(default_factory=list)  # (pid, reason)
     examine: list[int] = field(default_factory=list)  # gather evidence first
+    watch: list[int] = field(default_factory=list)  # one more evidence window
     stalled: bool = False  # nothing killed: the watchdog itself ran late
     dry_run: bool = False  # ``kill`` is only to be reported
     storm: str = ""  # the storm, in words, when the guard holds
@@ -150,8 +154,13 @@ class KillPolicy:
             return Decision()
         if stalled or dropped:
             self._warn_own_silence(len(expired), stalled, dropped)
-            reason = "stall" if stalled else "kernel_drops"
-            return Decision(hold=[(p, reason) for p, _ in expired], stalled=stalled)
+            if not stalled:
+                return Decision(hold=[(p, "kernel_drops") for p, _ in expired])
+            return Decision(
+                hold=[(p, "stall") for p, late in expired if late.reading is None],
+                watch=[p for p, late in expired if late.reading is not None],
+                stalled=True,
+            )
         decision = Decision(dry_run=self.dry_run)
         storm = self._storm(now, silent, monitored) if self.storm_guard else ""
         if storm:
