@@ -152,7 +152,6 @@ def test_metrics_port_taken_exits_1_naming_it(core_tag: str, tmp_path: Path) -> 
 # -- beside a real circusd --------------------------------------------------
 
 
-@pytest.mark.circusd
 def test_kills_hung_keeps_the_rest_and_follows_incr_decr(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],
@@ -221,7 +220,6 @@ numprocesses = 1
     assert "watchdog stopped" in watchdog.tail()
 
 
-@pytest.mark.circusd
 def test_circusd_restart(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],
@@ -274,7 +272,6 @@ numprocesses = 1
     assert "watchdog stopped" in watchdog.tail()
 
 
-@pytest.mark.circusd
 def test_stall_guard(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],
@@ -320,7 +317,6 @@ numprocesses = 3
     assert set(watchdog.monitored()) == set(web)
 
 
-@pytest.mark.circusd
 def test_dry_run_kills_nothing(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],

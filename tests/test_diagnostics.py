@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from circus_watchdog import diagnostics
+from circus_watchdog.capture import Capture
 from circus_watchdog.config import Config
 from circus_watchdog.diagnostics import (
     Diagnostics,
@@ -24,6 +25,7 @@ from circus_watchdog.diagnostics import (
     KillReport,
     Snapshot,
     Why,
+    capture_line,
     kill_line,
 )
 from circus_watchdog.metrics import Metrics
@@ -252,3 +254,47 @@ def test_killer_inspects_only_children_of_circusd(  # type: ignore[no-untyped-de
     else:
         assert kill["state"] is None and not marker.exists()
         assert "is not circusd (pid 1): another pid namespace?" in caplog.text
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["file", "no-file"])
+def test_a_capture_is_one_log_line(loop_factory, spawn, tmp_path, caplog, keep):  # type: ignore[no-untyped-def]
+    pid = spawn.start("sleep", "60")
+    wait_for(lambda: state_of(pid) == "S", timeout=BOUND)
+    options = {
+        "loop_rate": "1",
+        "diagnostic_command": "sh -c 'echo frame one; echo frame two of {pid}'",
+    }
+    if keep:
+        options["diagnostic_dir"] = str(tmp_path / "caps")
+    config = Config.from_options(options, endpoint="tcp://127.0.0.1:5555")
+    diag = Diagnostics(config, Metrics(), local=True)
+    with caplog.at_level(logging.INFO, "circus.watchdog"):
+        report = run(
+            loop_factory,
+            diag.before_kill(
+                pid, "web", Why(3.0, 3.0, time.monotonic()), dry_run=False
+            ),
+        )
+    output = f"frame one\nframe two of {pid}\n"
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "\n" in m]  # the kill line, the capture line
+    [line] = [m for m in messages if m.startswith("diagnostic capture of")]
+    assert line.startswith(f"diagnostic capture of web pid {pid} (sh -c ")
+    if keep:
+        assert report.capture is not None
+        assert line.endswith(f": {len(output)} bytes of output in {report.capture}")
+        assert Path(report.capture).read_text().endswith(output)
+    else:
+        assert report.capture is None
+        assert line.endswith(f"bytes of output, no file kept: {output!r}")
+
+
+def test_capture_line_says_when_the_log_holds_only_the_head():  # type: ignore[no-untyped-def]
+    kept = Capture("made", ["gdb", "-p", "7"], output=b"x" * 10, size=10_000)
+    assert capture_line("web", 7, kept, None) == (
+        "diagnostic capture of web pid 7 (gdb -p 7): 10000 bytes of output, "
+        "no file kept: 'xxxxxxxxxx' [truncated]"
+    )
+    long = Capture("made", ["x"], output=b"y" * (diagnostics.LOG_CAP + 1), size=1)
+    assert capture_line("w", 1, long, None).endswith("y' [truncated]")
+    assert capture_line("w", 1, kept, "/c/f.txt").endswith("of output in /c/f.txt")

@@ -1,4 +1,4 @@
-"""Diagnostics before a kill (issue 11) on a real circusd, with the standalone
+"""Diagnostics before a kill on a real circusd, with the standalone
 ``circus-watchdog``: the real ``py-spy dump`` names the function a hung worker
 is stuck in; a missing program and a command that outlives
 ``diagnostic_timeout`` do not hold the kill past it; a burst of kills runs at
@@ -36,10 +36,7 @@ from support import (
     worker_cmd,
 )
 
-pytestmark = [
-    pytest.mark.circusd,
-    pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc"),
-]
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 
 Start = Callable[..., Circusd]
 LOOP_RATE = 0.5  # seconds

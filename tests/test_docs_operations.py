@@ -245,7 +245,6 @@ def check_alert_metrics(metrics_port: int) -> None:
 # -- the standalone daemon as a circus watcher ----------------------------------
 
 
-@pytest.mark.circusd
 def test_as_circus_watcher(
     circusd_factory: Callable[..., Circusd], tmp_path: Path, core_tag: str
 ) -> None:

@@ -32,8 +32,6 @@ from support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.circusd
-
 CHECK_DELAY = 1  # seconds: circusd would respawn a dead plugin this often
 NO_RESPAWN_FOR = 3 * CHECK_DELAY  # seconds watched for a respawn
 PLUGIN = "plugin:watchdog"
@@ -185,6 +183,7 @@ def test_foreground_default_logging(circusd_factory: Callable[..., Circusd]) -> 
     assert line.split(" [ERROR] ", 1)[1] == example
 
 
+@pytest.mark.circusd  # launch starts circusd itself
 def test_log_output_flag(launch: Launch, tmp_path: Path) -> None:
     """``circusd --log-output FILE``: circus does not pass it to plugins."""
     log = tmp_path / "circusd.log"
@@ -194,6 +193,7 @@ def test_log_output_flag(launch: Launch, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.circusd  # launch starts circusd itself
 def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
     """``[circus] logoutput = FILE``, and a runtime failure: the port is taken."""
     log = tmp_path / "circusd.log"
@@ -218,6 +218,7 @@ def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
     wait_for(lambda: "listening on udp" in log.read_text(), timeout=15)
 
 
+@pytest.mark.circusd  # launch starts circusd itself
 def test_daemon(launch: Launch, tmp_path: Path) -> None:
     """``circusd --daemon --log-output FILE`` (a daemon's stderr is /dev/null).
     The plugin's own log_output, good while max_count is bad, gets the line too."""

@@ -14,10 +14,10 @@ from types import ModuleType
 
 import pytest
 
-from circus_watchdog.harness import free_udp_port
 from circus_watchdog.metrics import Metrics
 from circus_watchdog.receiver import TO_READABILITY, TO_TIMER, Coalescer, Receiver
 from fake_circusd import config
+from support import free_udp_port
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 PID = 4242

@@ -10,10 +10,13 @@ Before each kill (and each dry-run "would kill") the killer calls
    exception;
 2. logs the kill line (``kill_line``): who, how long silent, why (the
    evidence over its last tick, see `evidence`, and any hold), the snapshot;
-3. runs ``diagnostic_command`` (``capture.CaptureRunner``) and logs the
-   head of its output (at most ``LOG_CAP`` characters);
+3. runs ``diagnostic_command`` (``capture.CaptureRunner``);
 4. writes the capture file (``capture.CaptureStore``): the kill line, the
-   snapshot and the command's output.
+   snapshot and the command's output;
+5. logs one line for a capture that ran (``capture_line``): where the file
+   keeps its output, or, with no ``diagnostic_dir`` (or a failed write), the
+   head of the output on that line, newlines escaped (at most ``LOG_CAP``
+   characters).  A failed capture is one warning (``capture``).
 
 It returns a ``KillReport``; once the kill is carried out (or failed, or was
 a dry run) ``record`` adds it to ``KillLog``, the last ``RECENT_KILLS`` kills
@@ -44,12 +47,13 @@ __all__ = [
     "KillReport",
     "Snapshot",
     "capture_file",
+    "capture_line",
     "kill_line",
 ]
 
 logger = logging.getLogger("circus.watchdog")
 
-LOG_CAP = 2000  # characters of a capture's output quoted in the log
+LOG_CAP = 2000  # characters of a capture's output quoted in the log (no file)
 RECENT_KILLS = 100  # kills kept for /status
 
 _STATES = {
@@ -136,6 +140,20 @@ def kill_line(
         f"{verb} {watcher} pid {pid}: silent {why.silent_for:.1f} s "
         f"(timeout {why.timeout:g} s){detail}; {snapshot.describe()}"
     )
+
+
+def capture_line(watcher: str, pid: int, capture: Capture, path: str | None) -> str:
+    """The one log line of a capture that ran: the file that keeps its output,
+    or with no file, the head of the output with its newlines escaped."""
+    head = (
+        f"diagnostic capture of {watcher} pid {pid} ({shlex.join(capture.argv)}): "
+        f"{capture.size} bytes of output"
+    )
+    if path is not None:
+        return f"{head} in {path}"
+    text = capture.output.decode("utf-8", "replace")
+    cut = len(text) > LOG_CAP or capture.size > len(capture.output)
+    return f"{head}, no file kept: {text[:LOG_CAP]!r}{' [truncated]' if cut else ''}"
 
 
 def capture_file(
@@ -280,28 +298,16 @@ class Diagnostics:
         snapshot = Snapshot.take(pid, self.proc) if inspect else Snapshot(pid)
         line = kill_line(watcher, pid, why, snapshot, dry_run=dry_run)
         logger.warning("%s", line)
-        capture = await self._capture(pid, watcher) if inspect else None
+        capture = None
+        if inspect and self.runner is not None:
+            capture = await self.runner.run(pid, watcher)
         path = None
         if self.store is not None:
             body = capture_file(when, watcher, pid, line, snapshot, capture)
             path = await asyncio.to_thread(self.store.write, when, watcher, pid, body)
+        if capture is not None and capture.outcome == "made":
+            logger.info("%s", capture_line(watcher, pid, capture, path))
         return KillReport(when, silent, snapshot, path, why.detail)
-
-    async def _capture(self, pid: int, watcher: str) -> Capture | None:
-        if self.runner is None:
-            return None
-        capture = await self.runner.run(pid, watcher)
-        if capture.outcome == "made":
-            text = capture.output.decode("utf-8", "replace")
-            logger.info(
-                "diagnostic capture of %s pid %d (%s):\n%s%s",
-                watcher,
-                pid,
-                shlex.join(capture.argv),
-                text[:LOG_CAP],
-                "\n[... truncated]" if len(text) > LOG_CAP else "",
-            )
-        return capture
 
     def record(self, pid: int, watcher: str, report: KillReport, outcome: str) -> None:
         """Add a kill to ``recent_kills`` (``outcome``: killed, failed, dry_run);

@@ -40,7 +40,7 @@ logger = logging.getLogger("circus.watchdog")
 
 PREFIX = "circus_watchdog_"
 
-# Why a diagnostic capture (diagnostic_signal) failed; each is exposed from the
+# Why a diagnostic capture (diagnostic_command) failed; each is exposed from the
 # first scrape so that increase() sees the first failure.
 CAPTURE_FAILURE_REASONS = ("timeout", "error", "skipped")
 

@@ -1,4 +1,4 @@
-"""The heartbeat sockets, their buffers, and when to read them.
+"""Reading the heartbeat sockets (bound by ``sockets``): when, and into the table.
 
 A wake-up costs more than the datagrams it reads when they come one or two at
 a time (epoll, a loop callback, a Python call, the counters): at a paced flood
