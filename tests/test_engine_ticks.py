@@ -329,3 +329,26 @@ def test_a_stall_in_the_evidence_window_delays_the_kill_by_a_tick(
     now = beat_others(wd, now, now + 2 * TICK, 12, 13, 14)
     kills = wd.killer.kills  # type: ignore[attr-defined]
     assert [k[0] for k in kills] == [10] and "held" not in kills[0][2].detail
+
+
+def test_kills_made_on_evidence_count_toward_the_storm_guard(
+    make: Any, tmp_path: Path
+) -> None:
+    # Six pids; two hang a few ticks apart, then two more: the first two die
+    # on evidence, and those kills keep the second pair from dying too.
+    wd = make({"web": [10, 11, 12, 13, 14, 15]})
+    proc = examined(wd, tmp_path)
+    for pid in (10, 11, 12, 13):
+        fake_stat(proc, pid, cpu_ticks=0)
+        fake_task(proc, pid, pid, 0, 0)  # asleep: hung
+    now = T0
+    for _ in range(int((TIMEOUT + 1.0) / TICK)):
+        now += TICK
+        beat(wd, now, 14, 15)
+        if now < T0 + 0.5:
+            beat(wd, now, 12, 13)  # they hang half a second later
+        wd.tick(now)
+    kills = wd.killer.kills  # type: ignore[attr-defined]
+    assert sorted(k[0] for k in kills) == [10, 11]
+    assert sorted(h["pid"] for h in wd.status(now)["holds"]) == [12, 13]
+    assert {h["reason"] for h in wd.status(now)["holds"]} == {"storm"}

@@ -265,6 +265,7 @@ class Watchdog:
                 self.hold(pid, found.reason, now, found.words)
             else:
                 self.kill(pid, now, dry_run=dry_run, detail=found.words)
+                self.policy.killed(now, 1)  # counts toward the storm guard
 
     def hold(self, pid: int, reason: str, now: float, detail: str) -> None:
         """Hold late ``pid``'s kill: a fresh deadline, counted, logged once."""

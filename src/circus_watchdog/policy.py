@@ -180,7 +180,8 @@ class KillPolicy:
         return decision
 
     def killed(self, now: float, count: int) -> None:
-        """Count ``count`` kills made at ``now`` toward the storm guard."""
+        """Count ``count`` kills made at ``now`` toward the storm guard
+        (``decide`` counts its own; the engine, those made on evidence)."""
         self._recent.extend([now] * count)
 
     def _storm(self, now: float, silent: int, monitored: int) -> str:
