@@ -10,6 +10,11 @@ evidence), on the compiled core.
   /proc read costs more: ``test_read_sched_real`` times one).
 
 The figure quoted is the slowest tick of a round, and the mean of all ticks.
+Measured at e14de6e on the project's shared 2-CPU host (load average about 3,
+3 rounds): held, the expiry tick of the 10,000 took at most 73 ms and each
+tick while they stay held 0.89 ms on average; examined, the expiry tick took
+at most 210 ms and the 220 ticks that decide them all 7.1 ms on average; one
+real reading of a 2-thread process 61 us at best, 90 us on average.
 """
 
 from __future__ import annotations
