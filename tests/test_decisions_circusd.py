@@ -298,3 +298,264 @@ def test_circus_own_watchdog_kills_the_starved_worker(
     assert starved not in circusd.pids("starved"), circusd.tail()
     assert len(seen) >= 2, seen
     print(f"circus 0.19: {len(seen) - 1} starved pid(s) replaced in {HOGS} s")
+
+
+# -- B: a tiny cgroup CPU quota -----------------------------------------------------
+
+
+@dataclass
+class CpuCgroup:
+    """A cgroup of its own under the CPU controller (v1 or v2)."""
+
+    path: Path
+    version: int
+
+    def limit(self) -> None:
+        """1 ms of CPU per 100 ms period."""
+        if self.version == 2:
+            (self.path / "cpu.max").write_text("1000 100000")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text("100000")
+            (self.path / "cpu.cfs_quota_us").write_text("1000")
+
+    def lift(self) -> None:
+        if self.version == 2:
+            (self.path / "cpu.max").write_text("max 100000")
+        else:
+            (self.path / "cpu.cfs_quota_us").write_text("-1")
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+
+def cpu_controller() -> tuple[Path, int] | str:
+    """Where a CPU cgroup can be made (its parent, the version), or why not."""
+    if os.geteuid() != 0:
+        return "needs root to make a cgroup"
+    root = Path("/sys/fs/cgroup")
+    controllers = root / "cgroup.controllers"
+    if controllers.exists() and "cpu" in controllers.read_text().split():
+        return root, 2
+    for name in ("cpu", "cpu,cpuacct"):
+        if (root / name / "cpu.cfs_quota_us").exists():
+            return root / name, 1
+    return "no CPU cgroup controller mounted (v2 cgroup.controllers or v1 cpu)"
+
+
+@pytest.fixture
+def cpu_cgroup() -> Iterator[CpuCgroup]:
+    """A fresh CPU cgroup; at teardown its processes go back to the parent
+    and it is removed."""
+    found = cpu_controller()
+    if isinstance(found, str):
+        pytest.skip(found)
+    parent, version = found
+    path = parent / f"circus-watchdog-test-{os.getpid()}"
+    try:
+        if version == 2:
+            (parent / "cgroup.subtree_control").write_text("+cpu")
+        path.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a CPU cgroup under {parent}: {exc}")
+    try:
+        yield CpuCgroup(path, version)
+    finally:
+        for pid in (path / "cgroup.procs").read_text().split():
+            try:
+                (parent / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass  # exited meanwhile
+        wait_for(lambda: _rmdir(path), 5)
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except OSError:
+        return False  # a process is still leaving it
+    return True
+
+
+def test_cpu_quota_starved_is_held(
+    circusd_factory: Start,
+    standalone: StartStandalone,
+    cpu_cgroup: CpuCgroup,
+    ctl: Path,
+    core_tag: str,
+) -> None:
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        watcher("healthy", worker(udp, ctl, "healthy"))
+        + watcher("quota", worker(udp, ctl, "work"))
+    )
+    pids = wait_pids(circusd, {"healthy": 1, "quota": 1})
+    everyone = [pid for group in pids.values() for pid in group]
+    wd = watch(standalone, circusd, ctl, everyone, *flags(udp), core=core_tag)
+    (pid,) = pids["quota"]
+    cpu_cgroup.limit()
+    cpu_cgroup.add(pid)
+    confined = time.time()
+    end = confined + 4 * TIMEOUT
+    stays_listed(circusd, "quota", pid, lambda: time.time() >= end)
+    cpu_cgroup.lift()
+    lifted = time.time()
+    silence = longest_silence(beats(ctl)[pid], confined, lifted)
+    assert silence > TIMEOUT, silence  # the premise
+    beat_after(ctl, pid, lifted, 10)
+    assert circusd.pids("quota") == [pid]
+    series = wd.metrics()
+    assert metric(series, "kills_held_total", reason="starved") >= 1
+    assert kills(series) == {}, log_of(wd)
+    assert f"holding quota pid {pid}: starved" in log_of(wd)
+    wait_for(lambda: f"hold of quota pid {pid} ended: resumed" in log_of(wd), 5)
+
+
+# -- C: under a debugger --------------------------------------------------------------
+
+
+def stop_under_ptrace(pid: int, seconds: float) -> subprocess.Popen[str]:
+    """tests/ptrace_stopper.py holding ``pid`` stopped; returns once it is."""
+    stopper = subprocess.Popen(
+        [sys.executable, str(STOPPER), str(pid), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert stopper.stdout is not None
+    assert stopper.stdout.readline() == "stopped\n", stopper.wait(STOP_TIMEOUT)
+    return stopper
+
+
+@pytest.fixture
+def stoppers() -> Iterator[list[subprocess.Popen[str]]]:
+    """Stoppers to end at teardown (which detaches their tracees)."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for stopper in started:
+        stopper.kill()
+        stopper.wait(STOP_TIMEOUT)
+
+
+def traced_setup(
+    circusd_factory: Start,
+    standalone: StartStandalone,
+    ctl: Path,
+    core_tag: str,
+    loop_rate: float,
+) -> tuple[Circusd, Standalone, int]:
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        watcher("healthy", worker(udp, ctl, "healthy"))
+        + watcher("debugged", worker(udp, ctl, "healthy"))
+    )
+    pids = wait_pids(circusd, {"healthy": 1, "debugged": 1})
+    everyone = [pid for group in pids.values() for pid in group]
+    wd = watch(standalone, circusd, ctl, everyone, *flags(udp, loop_rate), core=core_tag)
+    return circusd, wd, pids["debugged"][0]
+
+
+def test_traced_is_held_and_beats_after_the_detach(
+    circusd_factory: Start,
+    standalone: StartStandalone,
+    stoppers: list[subprocess.Popen[str]],
+    ctl: Path,
+    core_tag: str,
+) -> None:
+    circusd, wd, pid = traced_setup(
+        circusd_factory, standalone, ctl, core_tag, LOOP_RATE
+    )
+    stopper = stop_under_ptrace(pid, 4 * TIMEOUT)
+    stoppers.append(stopper)
+    stays_listed(circusd, "debugged", pid, lambda: stopper.poll() is not None)
+    assert stopper.stdout is not None and stopper.stdout.read() == "detached\n"
+    beat_after(ctl, pid, time.time(), 5)
+    assert circusd.pids("debugged") == [pid]
+    series = wd.metrics()
+    assert metric(series, "kills_held_total", reason="traced") >= 1
+    assert kills(series) == {}, log_of(wd)
+    assert f"holding debugged pid {pid}: traced by pid {stopper.pid}" in log_of(wd)
+    wait_for(lambda: f"hold of debugged pid {pid} ended: resumed" in log_of(wd), 5)
+
+
+def test_traced_past_the_hold_bound_is_killed(
+    circusd_factory: Start,
+    standalone: StartStandalone,
+    stoppers: list[subprocess.Popen[str]],
+    ctl: Path,
+    core_tag: str,
+) -> None:
+    loop_rate = LOOP_RATE / 2  # a short timeout, for a short hold bound
+    timeout = loop_rate * MAX_COUNT
+    circusd, wd, pid = traced_setup(circusd_factory, standalone, ctl, core_tag, loop_rate)
+    stopper = stop_under_ptrace(pid, (HOLD_LIMIT + 4) * timeout + 5)
+    stoppers.append(stopper)
+    gone_at = wait_gone(circusd, "debugged", pid, (HOLD_LIMIT + 4) * timeout + 5)
+    silent = gone_at - beats(ctl)[pid][-1]
+    # Held from its first expiry, for HOLD_LIMIT timeouts; then circusd's stop
+    # signal waits on the stopped process, and its SIGKILL after GRACEFUL does not.
+    low, high = (HOLD_LIMIT + 1) * timeout, (HOLD_LIMIT + 2) * timeout + GRACEFUL + 1
+    assert low - 0.1 <= silent <= high, (silent, log_of(wd))
+    assert stopper.wait(STOP_TIMEOUT) == 0
+    assert stopper.stdout is not None and stopper.stdout.read() == "died\n"
+    log = log_of(wd)
+    assert f"holding debugged pid {pid}: traced by pid {stopper.pid}" in log
+    assert re.search(
+        rf"killing debugged pid {pid}: .*held \d+(\.\d+)? s \(traced\)", log
+    ), log
+    series = wd.metrics()
+    assert metric(series, "kills_held_total", reason="traced") >= 1
+    assert kills(series) == {"debugged": 1}
+
+
+# -- D: storms spread over time --------------------------------------------------------
+
+STORM_FLOOR, MAX_KILL_FRACTION = 2, 0.5  # the defaults
+STORMS = {
+    # watcher size, heartbeat interval and flags, the groups silenced and the
+    # seconds between them: four of five in two pairs 0.2 s apart (issue 14),
+    # and six of eight whose heartbeats had random phases over loop_rate.
+    "staggered": (5, ["--interval", "0.1"], [2, 2], 0.2),
+    "phased": (8, ["--interval", str(LOOP_RATE), "--random-phase"], [6], 0.0),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(STORMS))
+def test_storm_spread_over_time_is_held_while_it_lasts(
+    shape: str,
+    circusd_factory: Start,
+    standalone: StartStandalone,
+    ctl: Path,
+    core_tag: str,
+) -> None:
+    size, interval, groups, gap = STORMS[shape]
+    udp = free_udp_port()
+    circusd = circusd_factory(
+        watcher("storm", worker(udp, ctl, "healthy", *interval), size)
+    )
+    pids = wait_pids(circusd, {"storm": size})["storm"]
+    wd = watch(standalone, circusd, ctl, pids, *flags(udp), core=core_tag)
+    silenced: list[int] = []
+    for count in groups:
+        group = pids[len(silenced) : len(silenced) + count]
+        for pid in group:
+            (ctl / str(pid)).touch()
+        silenced += group
+        time.sleep(gap)
+    # Past the point where a guard counting only this window's kills lets the
+    # held ones die (one timeout after the first hold), short of HOLD_LIMIT.
+    time.sleep(4 * TIMEOUT)
+    held = {row["pid"] for row in wd.status()["holds"] if row["reason"] == "storm"}
+    for pid in silenced:
+        (ctl / str(pid)).unlink()
+    resumed = time.time()
+    time.sleep(3 * TIMEOUT)
+    listed = set(circusd.pids("storm"))
+    killed = [pid for pid in silenced if pid not in listed]
+    allowed = max(STORM_FLOOR, int(MAX_KILL_FRACTION * size))
+    assert len(killed) <= allowed, (killed, log_of(wd))
+    assert held and held == set(silenced) - set(killed), (held, killed)
+    for pid in held:  # resumed, and not killed since
+        beat_after(ctl, pid, resumed, 1)
+    assert set(pids) - set(killed) <= listed
+    series = wd.metrics()
+    assert metric(series, "kills_held_total", reason="storm") >= 1
+    assert kills(series) == ({"storm": len(killed)} if killed else {})
