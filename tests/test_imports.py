@@ -64,3 +64,13 @@ def test_env_var_forces_pure_python() -> None:
         CIRCUS_WATCHDOG_NO_EXTENSIONS="1",
     )
     assert out == "False circus_watchdog._core_py"
+
+
+def test_configuring_logs_loads_no_receiver_core_or_metrics() -> None:
+    loaded = run(
+        "import sys, circus_watchdog.logs; "
+        "print(sorted(m for m in ('circus_watchdog.receiver', "
+        "'circus_watchdog._core_c', 'circus_watchdog._core_py', 'prometheus_client') "
+        "if m in sys.modules))"
+    )
+    assert loaded == "[]"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from circus_watchdog.inherit import inherited_unix_socket
+from circus_watchdog.sockets import inherited_unix_socket
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_abstract_name(path: str) -> None:
 
 CHILD = """
 import json, sys
-from circus_watchdog.inherit import inherited_unix_socket
+from circus_watchdog.sockets import inherited_unix_socket
 sock = inherited_unix_socket(sys.argv[1])
 data = sock.recv(100) if sock is not None else b""
 print(json.dumps([sock is not None, data.decode()]))

@@ -26,12 +26,9 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 from .pids import PID_MAX
+from .sockets import SCM_CREDENTIALS, SO_RXQ_OVFL
 
 MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
-#: socket(7): with this option set, a datagram queued after a drop carries the
-#: socket's cumulative drop count as a control message.
-SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
-_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)  # Linux only
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 #: Passed descriptors (SCM_RIGHTS) that fit the control buffer; the kernel
 #: closes the rest and sets MSG_CTRUNC.  Each is closed as soon as it is read.
@@ -391,7 +388,7 @@ class HeartbeatTable:
             if kind == SO_RXQ_OVFL and len(data) >= 4:
                 count = int.from_bytes(data[:4], sys.byteorder)
                 self._drops = max(self._drops, count)
-            elif kind == _SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            elif kind == SCM_CREDENTIALS and len(data) >= _UCRED.size:
                 self._sender = _UCRED.unpack_from(data)[0]
             elif kind == socket.SCM_RIGHTS:
                 _close_passed(data)

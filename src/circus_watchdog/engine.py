@@ -3,17 +3,21 @@
 Data flows one way::
 
     sockets -> receiver -> table (core)            heartbeats
-    tick -> table.expire -> policy -> killer -> circusd
+    tick -> registry.expire -> policy -> (evidence) -> killer -> circusd
     circusd list/events -> sync -> registry -> table
 
 Each part owns its state: the table the timing of every monitored pid, the
-registry every pid's lifecycle, sync whether circusd is connected, the policy
-its holds, the killer its kills under way, ``Metrics`` the counters.
+registry every pid's lifecycle (late and held pids included), sync whether
+circusd is connected, the policy its storm window, the killer its kills under
+way, ``Metrics`` the counters.  The engine carries out each tick's decision
+and logs each hold once when it starts and once when it ends
+(``HoldLog``, at most ``HOLD_LINES`` lines a tick).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
@@ -24,16 +28,18 @@ from . import __version__
 from ._core import HeartbeatTable, compiled
 from .circusd import CommandClient, EventSubscriber
 from .config import Config
+from .diagnostics import Diagnostics, Why
 from .killer import Killer, is_local_endpoint
 from .metrics import Metrics, Readings, make_registry, serve_http
 from .policy import KillPolicy
 from .receiver import Receiver
-from .registry import Registry
+from .registry import Late, Registry
 from .sync import Sync
 
 logger = logging.getLogger("circus.watchdog")
 
 SUMMARY_INTERVAL = 10.0  # seconds between summaries of ignored datagrams
+HOLD_LINES = 20  # hold start and end lines per tick; the rest are summed up
 
 
 def version_info(loop_name: str) -> dict[str, str]:
@@ -69,7 +75,6 @@ class Watchdog:
             max_kill_fraction=config.max_kill_fraction,
             storm_floor=config.storm_floor,
             dry_run=config.dry_run,
-            timeout_of=config.timeout_of,
         )
         self.receiver = Receiver(config, self.table, self.metrics)
         self.client = CommandClient(
@@ -86,10 +91,17 @@ class Watchdog:
             resync_interval=config.resync_interval,
         )
         local = is_local_endpoint(config.endpoint)
+        self.diagnostics = Diagnostics(config, self.metrics, local=local)
         self.killer = Killer(
-            self.client, self.registry, self.metrics, config, local=local
+            self.client,
+            self.registry,
+            self.metrics,
+            config,
+            self.diagnostics,
+            local=local,
         )
         self.info = version_info(loop_name)
+        self.holds = HoldLog()
         self._drops_at_tick = 0  # the table's kernel drop count at the last tick
 
     @property
@@ -108,6 +120,7 @@ class Watchdog:
         events = EventSubscriber(self.config.pubsub_endpoint)
         server: asyncio.Server | None = None
         tasks: list[asyncio.Task[None]] = []
+        started = False
         try:
             server = await self._serve_metrics()
             await events.start()
@@ -119,6 +132,7 @@ class Watchdog:
                 asyncio.create_task(self.sync.run_resyncs(), name="resync"),
             ]
             self._log_start()
+            started = True
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
                 [stopper, *tasks], return_when=asyncio.FIRST_COMPLETED
@@ -138,7 +152,7 @@ class Watchdog:
             await events.close()
             await self.client.close()
             self.receiver.close()
-            logger.info("watchdog stopped")
+            logger.info("watchdog stopped" if started else "watchdog did not start")
 
     async def _serve_metrics(self) -> asyncio.Server | None:
         config = self.config
@@ -193,21 +207,51 @@ class Watchdog:
         """Expire the silent pids and act on the policy's decision."""
         drops = self.table.kernel_drops - self._drops_at_tick
         self._drops_at_tick += drops
-        self.killer.diagnostics.tick(self.table, now)  # CPU-since-beat baselines
+        self.diagnostics.tick(self.table, now)  # CPU-since-beat baselines
         if not self.sync.connected:
             return  # never kill on stale state: wait for a fresh list
-        silent = self.table.expire(now)
-        if not silent:
+        registry = self.registry
+        for pid, back in registry.resumed():
+            if back.reason is not None:
+                self.holds.ended(pid, back, now)
+        expired = registry.expire(now)
+        if expired:
+            decision = self.policy.decide(
+                now,
+                expired,
+                monitored=len(self.table) + len(expired),
+                silent=registry.late_count,
+                stalled=late,
+                dropped=drops,
+            )
+            self.metrics.stalls += decision.stalled
+            for pid, reason in decision.hold:
+                self.hold(pid, reason, now, decision.storm or _own(reason, drops))
+            for pid in decision.kill:
+                self.kill(pid, now, dry_run=decision.dry_run)
+        self.holds.flush()
+
+    def hold(self, pid: int, reason: str, now: float, detail: str) -> None:
+        """Hold late ``pid``'s kill: a fresh deadline, counted, logged once."""
+        if self.registry.hold(pid, reason, now):
+            late = self.registry.late(pid)
+            assert late is not None
+            self.holds.started(pid, late, detail)
+        self.metrics.kills_held[reason] += 1
+        self.registry.rearm(pid, now)
+
+    def kill(self, pid: int, now: float, *, dry_run: bool, detail: str = "") -> None:
+        """Hand late ``pid`` to the killer (a dry run re-arms it)."""
+        late = self.registry.late(pid)
+        if late is None:
             return
-        decision = self.policy.decide(
-            now, silent, len(self.table), stalled=late, dropped=drops
-        )
-        self.metrics.stalls += decision.stalled
-        self.metrics.kills_held += decision.held
-        for pid, watcher in decision.rearm:
-            self.registry.rearm(pid, watcher, now)
-        for pid, watcher in decision.kill:
-            self.killer.kill(pid, watcher, now, dry_run=decision.dry_run)
+        if late.held_since is not None:
+            held = f"held {now - late.held_since:.1f} s ({late.reason})"
+            detail = f"{detail}; {held}" if detail else held
+        why = Why(now - late.since, late.timeout, now, detail)
+        self.killer.kill(pid, late.watcher, why, dry_run=dry_run)
+        if dry_run:
+            self.registry.rearm(pid, now)
 
     # -- reporting -----------------------------------------------------------
 
@@ -222,9 +266,10 @@ class Watchdog:
             control_truncated=getattr(self.table, "control_truncated", 0),
         )
 
-    def status(self) -> dict[str, Any]:
-        """The monitored pids with the age of their last heartbeat, as JSON data."""
-        now = time.monotonic()
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """The monitored pids with the age of their last heartbeat, and the
+        holds, as JSON data (``now``: monotonic, default the clock's)."""
+        now = time.monotonic() if now is None else now
         table = self.table
         metrics = self.metrics
         return {
@@ -237,9 +282,19 @@ class Watchdog:
                 {
                     "pid": pid,
                     "watcher": table.watcher_of(pid),
-                    "age": round(now - table.last_seen(pid), 4),
+                    "age": round(now - self.registry.last_heartbeat(pid), 4),
                 }
                 for pid in sorted(table.pids())
+            ],
+            "holds": [
+                {
+                    "pid": pid,
+                    "watcher": late.watcher,
+                    "reason": late.reason,
+                    "since": late.held_since,
+                    "silent_for": round(now - late.since, 4),
+                }
+                for pid, late in sorted(self.registry.held())
             ],
             "killing": self.registry.killing,
             "excluded": self.registry.excluded,
@@ -249,8 +304,9 @@ class Watchdog:
             "malformed": metrics.malformed,
             "kills": dict(metrics.kills),
             "would_kill": metrics.would_kill,
-            "kills_held": metrics.kills_held,
-            "recent_kills": self.killer.diagnostics.recent_kills(),
+            "kills_held": sum(metrics.kills_held.values()),
+            "kills_held_by_reason": dict(metrics.kills_held),
+            "recent_kills": self.diagnostics.recent_kills(),
         }
 
 
@@ -286,3 +342,58 @@ class _Summary:
             unknown,
             malformed,
         )
+
+
+def _own(reason: str, drops: int) -> str:
+    """Words for a hold on the watchdog's side: a stall or kernel drops."""
+    if reason == "stall":
+        return "the watchdog's own tick ran late"
+    return f"the kernel dropped {drops} datagram(s) since the last tick"
+
+
+class HoldLog:
+    """Logs each hold once when it starts and once when it ends, at most
+    ``HOLD_LINES`` lines a tick; ``flush`` sums up the rest."""
+
+    def __init__(self) -> None:
+        self._lines = 0
+        self._unsaid: collections.Counter[str] = collections.Counter()
+
+    def started(self, pid: int, late: Late, detail: str) -> None:
+        """``pid``'s hold starts."""
+        self._say(
+            f"{late.reason} hold(s) started",
+            "holding %s pid %d: %s, %s",
+            late.watcher,
+            pid,
+            late.reason,
+            detail,
+        )
+
+    def ended(self, pid: int, late: Late, now: float) -> None:
+        """``pid`` beat again: its hold ends."""
+        self._say(
+            f"{late.reason} hold(s) ended (resumed)",
+            "hold of %s pid %d ended: resumed (%s, held %.1f s)",
+            late.watcher,
+            pid,
+            late.reason,
+            now - (late.held_since or now),
+        )
+
+    def _say(self, kind: str, fmt: str, *args: object) -> None:
+        if self._lines < HOLD_LINES:
+            self._lines += 1
+            logger.warning(fmt, *args)
+        else:
+            self._unsaid[kind] += 1
+
+    def flush(self) -> None:
+        """End of a tick: one line for the lines left out."""
+        if self._unsaid:
+            logger.warning(
+                "and %s",
+                ", ".join(f"{n} more {kind}" for kind, n in self._unsaid.items()),
+            )
+        self._lines = 0
+        self._unsaid.clear()
