@@ -559,3 +559,10 @@ def test_storm_spread_over_time_is_held_while_it_lasts(
     series = wd.metrics()
     assert metric(series, "kills_held_total", reason="storm") >= 1
     assert kills(series) == ({"storm": len(killed)} if killed else {})
+    log = log_of(wd)
+    for pid in held:
+        assert f"holding storm pid {pid}: storm, " in log
+        assert f"hold of storm pid {pid} ended: resumed" in log
+    # "N of M monitored pids": the silent ones are among the monitored.
+    for silent, monitored in re.findall(r"(\d+) of (\d+) monitored pids", log):
+        assert int(silent) <= int(monitored), log
