@@ -11,7 +11,8 @@ knows each pid's last heartbeat without asking the watchdog.  The test steers
 a worker through the file DIR/PID (its own pid):
 
 - ``healthy``: a heartbeat every ``--interval``; silent (asleep) while DIR/PID
-  exists, and heartbeating again once it is removed.
+  exists, and heartbeating again once it is removed, on its own schedule (as
+  when a broken heartbeat path is mended: each resumes at its own phase).
 - ``sleep``: once DIR/PID exists, hangs asleep.
 - ``busy``: once DIR/PID exists, hangs in a busy loop at its normal priority.
 - ``work``: in a loop, 0.1 s of CPU work and a heartbeat.  Runnable all the
@@ -41,7 +42,6 @@ from pathlib import Path
 from circus_watchdog.client import format_heartbeat
 
 WORK = 0.1  # seconds of CPU between two heartbeats (starved, work)
-POLL = 0.05  # seconds between two looks at DIR/PID while silent
 AUTOGROUPS = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
@@ -78,14 +78,14 @@ class Worker:
 
     def heartbeats(self, interval: float, mode: str) -> None:
         while self.alive():
-            if self.flag.exists():
-                if mode == "sleep":
-                    return self.hang_asleep()
-                if mode == "busy":
-                    return self.hang_busy()
-                time.sleep(POLL)  # healthy: silent until the flag goes
-                continue
-            self.beat()
+            if not self.flag.exists():
+                self.beat()
+            elif mode == "sleep":
+                return self.hang_asleep()
+            elif mode == "busy":
+                return self.hang_busy()
+            # healthy and flagged: this beat is lost, as on a broken heartbeat
+            # path; the schedule, and so the phase, goes on.
             time.sleep(interval)
         return None
 
