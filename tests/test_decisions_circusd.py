@@ -112,7 +112,7 @@ def longest_silence(times: list[float], start: float, end: float) -> float:
     before = [t for t in times if t <= start]
     points = [before[-1] if before else start]
     points += [t for t in times if start < t < end] + [end]
-    return max(b - a for a, b in zip(points, points[1:]))
+    return max(b - a for a, b in zip(points[:-1], points[1:], strict=True))
 
 
 def flags(udp: int, loop_rate: float = LOOP_RATE) -> list[str]:
@@ -138,7 +138,9 @@ def watch(
     return wd
 
 
-def stays_listed(circusd: Circusd, name: str, pid: int, done: Callable[[], bool]) -> None:
+def stays_listed(
+    circusd: Circusd, name: str, pid: int, done: Callable[[], bool]
+) -> None:
     """Check, until ``done()``, that circusd lists ``pid`` (bounded: 60 s)."""
     for _ in range(int(60 / POLL)):
         assert pid in circusd.pids(name), f"{name} pid {pid} was killed"
@@ -449,7 +451,9 @@ def traced_setup(
     )
     pids = wait_pids(circusd, {"healthy": 1, "debugged": 1})
     everyone = [pid for group in pids.values() for pid in group]
-    wd = watch(standalone, circusd, ctl, everyone, *flags(udp, loop_rate), core=core_tag)
+    wd = watch(
+        standalone, circusd, ctl, everyone, *flags(udp, loop_rate), core=core_tag
+    )
     return circusd, wd, pids["debugged"][0]
 
 
@@ -485,7 +489,9 @@ def test_traced_past_the_hold_bound_is_killed(
 ) -> None:
     loop_rate = LOOP_RATE / 2  # a short timeout, for a short hold bound
     timeout = loop_rate * MAX_COUNT
-    circusd, wd, pid = traced_setup(circusd_factory, standalone, ctl, core_tag, loop_rate)
+    circusd, wd, pid = traced_setup(
+        circusd_factory, standalone, ctl, core_tag, loop_rate
+    )
     stopper = stop_under_ptrace(pid, (HOLD_LIMIT + 4) * timeout + 5)
     stoppers.append(stopper)
     gone_at = wait_gone(circusd, "debugged", pid, (HOLD_LIMIT + 4) * timeout + 5)
