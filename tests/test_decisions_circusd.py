@@ -122,20 +122,40 @@ def flags(udp: int, loop_rate: float = LOOP_RATE) -> list[str]:
     ]
 
 
-def watch(
-    standalone: StartStandalone,
-    circusd: Circusd,
-    ctl: Path,
-    pids: list[int],
-    *more: str,
-    core: str,
-) -> Standalone:
-    """A watchdog monitoring ``pids``, each of which has beaten."""
-    wd = standalone(circusd, *more, core=core)
-    # A starved worker beats slowly on a busy host: give it time.
-    wait_for(lambda: set(pids) <= set(wd.monitored()), 10)
-    wait_for(lambda: set(pids) <= set(beats(ctl)), 30)
-    return wd
+#: watcher name -> (numprocesses, decisions_worker arguments: mode, options)
+Watchers = dict[str, tuple[int, list[str]]]
+Scenario = Callable[..., tuple[Circusd, Standalone, dict[str, list[int]]]]
+
+
+@pytest.fixture
+def scenario(
+    circusd_factory: Start, standalone: StartStandalone, ctl: Path, core_tag: str
+) -> Scenario:
+    """``start(watchers, loop_rate=LOOP_RATE) -> (circusd, watchdog, pids)``:
+    a circusd running ``watchers`` and a watchdog (on this test's core)
+    monitoring them, each worker having beaten once."""
+
+    def start(
+        watchers: Watchers, loop_rate: float = LOOP_RATE
+    ) -> tuple[Circusd, Standalone, dict[str, list[int]]]:
+        udp = free_udp_port()
+        circusd = circusd_factory(
+            "".join(
+                watcher(name, worker(udp, ctl, *args), count)
+                for name, (count, args) in watchers.items()
+            )
+        )
+        pids = wait_pids(
+            circusd, {name: count for name, (count, _) in watchers.items()}
+        )
+        everyone = {pid for group in pids.values() for pid in group}
+        wd = standalone(circusd, *flags(udp, loop_rate), core=core_tag)
+        wait_for(lambda: everyone <= set(wd.monitored()), 10)
+        # A starved worker beats slowly on a busy host: give it time.
+        wait_for(lambda: everyone <= set(beats(ctl)), 30)
+        return circusd, wd, pids
+
+    return start
 
 
 def stays_listed(
@@ -152,6 +172,19 @@ def stays_listed(
 
 def log_of(wd: Standalone) -> str:
     return wd.log.read_text(errors="replace")
+
+
+def held_then_resumed(
+    circusd: Circusd, wd: Standalone, name: str, pid: int, start: str
+) -> None:
+    """``pid`` is still listed; its hold was counted, its start logged as
+    ``holding NAME pid PID: START...``, and its end as resumed."""
+    assert circusd.pids(name) == [pid]
+    reason = re.split(r"[ ,]", start)[0]
+    assert metric(wd.metrics(), "kills_held_total", reason=reason) >= 1
+    assert f"holding {name} pid {pid}: {start}" in log_of(wd)
+    ended = f"hold of {name} pid {pid} ended: resumed"
+    wait_for(lambda: ended in log_of(wd), 5)
 
 
 @pytest.fixture
@@ -209,30 +242,17 @@ def starve_under_hogs(
     return done
 
 
-STARVED_SCENARIO = {"healthy": 2, "asleep": 1, "spinning": 1, "starved": 1}
-
-
-def starved_sections(udp: int, ctl: Path) -> str:
-    return (
-        watcher("healthy", worker(udp, ctl, "healthy"), 2)
-        + watcher("asleep", worker(udp, ctl, "sleep"))
-        + watcher("spinning", worker(udp, ctl, "busy"))
-        + watcher("starved", worker(udp, ctl, "starved"))
-    )
-
-
 def test_starved_is_held_while_hung_ones_are_killed(
-    core_tag: str,
-    circusd_factory: Start,
-    standalone: StartStandalone,
-    cpu_hogs: Hogs,
-    ctl: Path,
+    scenario: Scenario, cpu_hogs: Hogs, ctl: Path
 ) -> None:
-    udp = free_udp_port()
-    circusd = circusd_factory(starved_sections(udp, ctl))
-    pids = wait_pids(circusd, STARVED_SCENARIO)
-    everyone = [pid for group in pids.values() for pid in group]
-    wd = watch(standalone, circusd, ctl, everyone, *flags(udp), core=core_tag)
+    circusd, wd, pids = scenario(
+        {
+            "healthy": (2, ["healthy"]),
+            "asleep": (1, ["sleep"]),
+            "spinning": (1, ["busy"]),
+            "starved": (1, ["starved"]),
+        }
+    )
     (starved,) = pids["starved"]
     hogs_start = time.time()
     hogs_done = starve_under_hogs(cpu_hogs, ctl, lambda: [starved])
@@ -250,18 +270,15 @@ def test_starved_is_held_while_hung_ones_are_killed(
     silence = longest_silence(beats(ctl)[starved], hogs_start, hogs_end)
     assert silence > TIMEOUT, silence
     beat_after(ctl, starved, hogs_end, 10)
-    assert circusd.pids("starved") == [starved]
+    held_then_resumed(circusd, wd, "starved", starved, "starved, ran ")
     assert circusd.pids("healthy") == pids["healthy"]
-    series = wd.metrics()
-    assert metric(series, "kills_held_total", reason="starved") >= 1
-    assert kills(series) == {"asleep": 1, "spinning": 1}
+    assert kills(wd.metrics()) == {"asleep": 1, "spinning": 1}
     log = log_of(wd)
     assert re.search(
         rf"holding starved pid {starved}: starved, ran \d+\.\d+ s and waited "
         r"\d+\.\d+ s for a CPU",
         log,
     ), log
-    wait_for(lambda: f"hold of starved pid {starved} ended: resumed" in log_of(wd), 5)
 
 
 def test_circus_own_watchdog_kills_the_starved_worker(
@@ -379,20 +396,9 @@ def _rmdir(path: Path) -> bool:
 
 
 def test_cpu_quota_starved_is_held(
-    circusd_factory: Start,
-    standalone: StartStandalone,
-    cpu_cgroup: CpuCgroup,
-    ctl: Path,
-    core_tag: str,
+    scenario: Scenario, cpu_cgroup: CpuCgroup, ctl: Path
 ) -> None:
-    udp = free_udp_port()
-    circusd = circusd_factory(
-        watcher("healthy", worker(udp, ctl, "healthy"))
-        + watcher("quota", worker(udp, ctl, "work"))
-    )
-    pids = wait_pids(circusd, {"healthy": 1, "quota": 1})
-    everyone = [pid for group in pids.values() for pid in group]
-    wd = watch(standalone, circusd, ctl, everyone, *flags(udp), core=core_tag)
+    circusd, wd, pids = scenario({"healthy": (1, ["healthy"]), "quota": (1, ["work"])})
     (pid,) = pids["quota"]
     cpu_cgroup.limit()
     cpu_cgroup.add(pid)
@@ -404,12 +410,8 @@ def test_cpu_quota_starved_is_held(
     silence = longest_silence(beats(ctl)[pid], confined, lifted)
     assert silence > TIMEOUT, silence  # the premise
     beat_after(ctl, pid, lifted, 10)
-    assert circusd.pids("quota") == [pid]
-    series = wd.metrics()
-    assert metric(series, "kills_held_total", reason="starved") >= 1
-    assert kills(series) == {}, log_of(wd)
-    assert f"holding quota pid {pid}: starved" in log_of(wd)
-    wait_for(lambda: f"hold of quota pid {pid} ended: resumed" in log_of(wd), 5)
+    held_then_resumed(circusd, wd, "quota", pid, "starved, ran ")
+    assert kills(wd.metrics()) == {}, log_of(wd)
 
 
 # -- C: under a debugger --------------------------------------------------------------
@@ -437,61 +439,30 @@ def stoppers() -> Iterator[list[subprocess.Popen[str]]]:
         stopper.wait(STOP_TIMEOUT)
 
 
-def traced_setup(
-    circusd_factory: Start,
-    standalone: StartStandalone,
-    ctl: Path,
-    core_tag: str,
-    loop_rate: float,
-) -> tuple[Circusd, Standalone, int]:
-    udp = free_udp_port()
-    circusd = circusd_factory(
-        watcher("healthy", worker(udp, ctl, "healthy"))
-        + watcher("debugged", worker(udp, ctl, "healthy"))
-    )
-    pids = wait_pids(circusd, {"healthy": 1, "debugged": 1})
-    everyone = [pid for group in pids.values() for pid in group]
-    wd = watch(
-        standalone, circusd, ctl, everyone, *flags(udp, loop_rate), core=core_tag
-    )
-    return circusd, wd, pids["debugged"][0]
+TRACED: Watchers = {"healthy": (1, ["healthy"]), "debugged": (1, ["healthy"])}
 
 
 def test_traced_is_held_and_beats_after_the_detach(
-    circusd_factory: Start,
-    standalone: StartStandalone,
-    stoppers: list[subprocess.Popen[str]],
-    ctl: Path,
-    core_tag: str,
+    scenario: Scenario, stoppers: list[subprocess.Popen[str]], ctl: Path
 ) -> None:
-    circusd, wd, pid = traced_setup(
-        circusd_factory, standalone, ctl, core_tag, LOOP_RATE
-    )
+    circusd, wd, pids = scenario(TRACED)
+    (pid,) = pids["debugged"]
     stopper = stop_under_ptrace(pid, 4 * TIMEOUT)
     stoppers.append(stopper)
     stays_listed(circusd, "debugged", pid, lambda: stopper.poll() is not None)
     assert stopper.stdout is not None and stopper.stdout.read() == "detached\n"
     beat_after(ctl, pid, time.time(), 5)
-    assert circusd.pids("debugged") == [pid]
-    series = wd.metrics()
-    assert metric(series, "kills_held_total", reason="traced") >= 1
-    assert kills(series) == {}, log_of(wd)
-    assert f"holding debugged pid {pid}: traced by pid {stopper.pid}" in log_of(wd)
-    wait_for(lambda: f"hold of debugged pid {pid} ended: resumed" in log_of(wd), 5)
+    held_then_resumed(circusd, wd, "debugged", pid, f"traced by pid {stopper.pid}")
+    assert kills(wd.metrics()) == {}, log_of(wd)
 
 
 def test_traced_past_the_hold_bound_is_killed(
-    circusd_factory: Start,
-    standalone: StartStandalone,
-    stoppers: list[subprocess.Popen[str]],
-    ctl: Path,
-    core_tag: str,
+    scenario: Scenario, stoppers: list[subprocess.Popen[str]], ctl: Path
 ) -> None:
     loop_rate = LOOP_RATE / 2  # a short timeout, for a short hold bound
     timeout = loop_rate * MAX_COUNT
-    circusd, wd, pid = traced_setup(
-        circusd_factory, standalone, ctl, core_tag, loop_rate
-    )
+    circusd, wd, pids = scenario(TRACED, loop_rate)
+    (pid,) = pids["debugged"]
     stopper = stop_under_ptrace(pid, (HOLD_LIMIT + 4) * timeout + 5)
     stoppers.append(stopper)
     gone_at = wait_gone(circusd, "debugged", pid, (HOLD_LIMIT + 4) * timeout + 5)
@@ -527,19 +498,11 @@ STORMS = {
 
 @pytest.mark.parametrize("shape", sorted(STORMS))
 def test_storm_spread_over_time_is_held_while_it_lasts(
-    shape: str,
-    circusd_factory: Start,
-    standalone: StartStandalone,
-    ctl: Path,
-    core_tag: str,
+    shape: str, scenario: Scenario, ctl: Path
 ) -> None:
     size, interval, groups, gap = STORMS[shape]
-    udp = free_udp_port()
-    circusd = circusd_factory(
-        watcher("storm", worker(udp, ctl, "healthy", *interval), size)
-    )
-    pids = wait_pids(circusd, {"storm": size})["storm"]
-    wd = watch(standalone, circusd, ctl, pids, *flags(udp), core=core_tag)
+    circusd, wd, by_watcher = scenario({"storm": (size, ["healthy", *interval])})
+    pids = by_watcher["storm"]
     silenced: list[int] = []
     for count in groups:
         group = pids[len(silenced) : len(silenced) + count]
