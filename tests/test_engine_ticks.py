@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from circus_watchdog import engine
+from circus_watchdog import engine, evidence
 from circus_watchdog.diagnostics import Why
+from circus_watchdog.evidence import MIN_WINDOW, Examiner
 from circus_watchdog.policy import HOLD_LIMIT
 from fake_circusd import config
+from procs import fake_stat
+from test_evidence import fake_proc, fake_task
 
 T0 = 1000.0
 TIMEOUT = 3.0  # loop_rate 1 x max_count 3
@@ -183,3 +187,107 @@ def test_dry_run_reports_and_keeps_watching(make: Any) -> None:
     kills = wd.killer.kills  # type: ignore[attr-defined]
     assert [(k[0], k[3]) for k in kills] == [(10, True), (10, True)]
     assert 10 in wd.table
+
+
+# -- evidence: starved and traced pids are held, hung ones killed ---------------
+
+
+def examined(wd: engine.Watchdog, tmp_path: Path) -> Path:
+    """Turn the checks on, over a fake /proc tree."""
+    proc = fake_proc(tmp_path)
+    wd.examiner = Examiner(local=True, proc=str(proc))
+    wd.policy.evidence = True
+    return proc
+
+
+def beat_others(wd: engine.Watchdog, start: float, end: float, *pids: int) -> float:
+    now = start
+    for _ in range(int((end - start) / TICK) + 1):
+        now += TICK
+        if now > end:
+            break
+        beat(wd, now, *pids)
+        wd.tick(now)
+    return now
+
+
+def test_a_starved_pid_is_held_and_a_hung_one_killed(
+    make: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wd = make({"web": [10, 11, 12, 13, 14]})
+    proc = examined(wd, tmp_path)
+    for pid in (10, 11):
+        fake_stat(proc, pid, cpu_ticks=0)
+    fake_task(proc, 10, 10, 0, 0, state="R")  # runnable, never on a CPU
+    fake_task(proc, 11, 11, 0, 0, state="S")  # asleep: hung
+    caplog.set_level(logging.WARNING, "circus.watchdog")
+    now = beat_others(wd, T0, T0 + TIMEOUT + 3 * TICK, 12, 13, 14)
+    kills = wd.killer.kills  # type: ignore[attr-defined]
+    assert [k[0] for k in kills] == [11]
+    # Killed within its timeout, one tick and the evidence window.
+    why = kills[0][2]
+    assert why.silent_for <= TIMEOUT + TICK + MIN_WINDOW + 1e-6
+    assert why.detail.startswith("ran 0.00 s and waited 0.00 s for a CPU in the last")
+    assert [(h["pid"], h["reason"]) for h in wd.status(now)["holds"]] == [
+        (10, "starved")
+    ]
+    assert "holding web pid 10: starved, ran 0.00 s and waited 0.00 s for a CPU" in (
+        caplog.text
+    )
+    assert "host CPU pressure 64 %" in caplog.text
+    assert wd.metrics.kills_held["starved"] == 1
+    # It gets a CPU and beats again: the hold ends, logged once.
+    beat(wd, now + 0.5, 10)
+    now = beat_others(wd, now + 0.5, now + 1.0, 12, 13, 14)
+    assert "hold of web pid 10 ended: resumed (starved, held " in caplog.text
+    assert wd.status(now)["holds"] == [] and len(kills) == 1
+
+
+def test_a_traced_pid_is_held_until_the_bound(
+    make: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wd = make({"web": [10, 12, 13, 14]})
+    proc = examined(wd, tmp_path)
+    fake_stat(proc, 10, cpu_ticks=0)
+    fake_stat(proc, 999, cpu_ticks=0)
+    (proc / "999" / "comm").write_text("gdb\n")
+    fake_task(proc, 10, 10, 0, 0, state="t", tracer=999)
+    caplog.set_level(logging.WARNING, "circus.watchdog")
+    end = T0 + (HOLD_LIMIT + 2) * (TIMEOUT + 2 * TICK)
+    beat_others(wd, T0, end, 12, 13, 14)
+    assert caplog.text.count("holding web pid 10: traced by pid 999 (gdb)") == 1
+    kills = wd.killer.kills  # type: ignore[attr-defined]
+    assert [k[0] for k in kills] == [10]
+    why = kills[0][2]
+    assert why.silent_for >= HOLD_LIMIT * TIMEOUT
+    assert "held " in why.detail and "(traced)" in why.detail
+    assert wd.metrics.kills_held["traced"] >= HOLD_LIMIT - 1
+
+
+def test_evidence_reads_are_capped_per_tick(
+    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = list(range(1000, 1150))
+    wd = make({"web": pids}, storm_guard="false")
+    proc = examined(wd, tmp_path)
+    for pid in pids:
+        fake_stat(proc, pid, cpu_ticks=0)
+        fake_task(proc, pid, pid, 0, 0)  # asleep: hung
+    reads: list[int] = []
+    real = evidence.read_sched
+
+    def counted(pid: int, at: float, proc: str = "/proc") -> Any:
+        reads.append(pid)
+        return real(pid, at, proc)
+
+    monkeypatch.setattr(evidence, "read_sched", counted)
+    now, per_tick = T0 + TIMEOUT, []
+    for _ in range(20):
+        now += TICK
+        before = len(reads)
+        wd.tick(now)
+        per_tick.append(len(reads) - before)
+    assert max(per_tick) == evidence.READINGS_PER_TICK
+    kills = wd.killer.kills  # type: ignore[attr-defined]
+    assert sorted(k[0] for k in kills) == pids  # deferred, not dropped
+    assert len(reads) == 2 * len(pids)  # two readings each, no more

@@ -6,9 +6,10 @@ Before each kill (and each dry-run "would kill") the killer calls
 1. takes a ``Snapshot`` of the pid, where circusd runs on this host and the
    pid is its child: what ``/proc`` says (``procfs``: the state letter R, S,
    D, T, t, Z, ``wchan``, threads, RSS, open descriptors) and the CPU seconds
-   it used since its last heartbeat (against the baseline of ``sampler``).
-   Any part that cannot be read is None, never an exception;
-2. logs the kill line (``kill_line``): who, how long silent, the snapshot;
+   it used since it started.  Any part that cannot be read is None, never an
+   exception;
+2. logs the kill line (``kill_line``): who, how long silent, why (the
+   evidence over its last tick, see `evidence`, and any hold), the snapshot;
 3. runs ``diagnostic_command`` (``capture.CaptureRunner``) and logs the
    head of its output (at most ``LOG_CAP`` characters);
 4. writes the capture file (``capture.CaptureStore``): the kill line, the
@@ -32,7 +33,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .capture import Capture, CaptureCounts, CaptureRunner, CaptureStore
 from .procfs import PROC, count_fds, read_stat, read_wchan
-from .sampler import Baseline, CpuSampler, Table
 
 if TYPE_CHECKING:
     from .config import Config
@@ -73,36 +73,22 @@ class Snapshot:
     pid: int
     state: str | None = None
     wchan: str | None = None
-    cpu_since_beat: float | None = None
-    cpu_window: float | None = None  # seconds that cpu_since_beat covers
+    cpu: float | None = None  # seconds of CPU since it started
     threads: int | None = None
     rss: int | None = None  # bytes
     fds: int | None = None
 
     @classmethod
-    def take(
-        cls,
-        pid: int,
-        baseline: Baseline | None = None,
-        now: float | None = None,
-        proc: str = PROC,
-    ) -> Snapshot:
-        """Read ``pid`` now; ``baseline`` (taken at ``baseline.at``) gives the
-        CPU since its last heartbeat."""
+    def take(cls, pid: int, proc: str = PROC) -> Snapshot:
+        """Read ``pid`` now."""
         stat = read_stat(pid, proc)
         if stat is None:
             return cls(pid)
-        cpu = window = None
-        if baseline is not None and baseline.start == stat.start:
-            cpu = round(max(0.0, stat.cpu - baseline.cpu), 2)
-            if now is not None:
-                window = round(max(0.0, now - baseline.at), 3)
         return cls(
             pid,
             stat.state,
             read_wchan(pid, proc),
-            cpu,
-            window,
+            round(stat.cpu, 2),
             stat.threads,
             stat.rss,
             count_fds(pid, proc),
@@ -116,8 +102,8 @@ class Snapshot:
         if self.wchan is not None and self.state in "SD":
             words += f" in {self.wchan}"
         parts = [words]
-        if self.cpu_since_beat is not None:
-            parts.append(f"{self.cpu_since_beat:.2f} s CPU since its last heartbeat")
+        if self.cpu is not None:
+            parts.append(f"{self.cpu:.2f} s CPU since it started")
         if self.threads is not None:
             parts.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}")
         if self.rss is not None:
@@ -200,6 +186,7 @@ class KillReport:
     silent_for: float  # seconds since its last heartbeat
     snapshot: Snapshot
     capture: str | None  # path of the capture file
+    why: str = ""  # the evidence and the hold, as in the kill line
 
 
 class KillLog:
@@ -222,7 +209,8 @@ class KillLog:
                 "watcher": watcher,
                 "silent_for": round(report.silent_for, 3),
                 "state": snapshot.state,
-                "cpu_since_beat": snapshot.cpu_since_beat,
+                "cpu": snapshot.cpu,
+                "why": report.why,
                 "capture": report.capture,
                 "outcome": outcome,
             }
@@ -247,7 +235,6 @@ class Diagnostics:
         # Only where circusd runs on this host are its pids ours to inspect.
         self.local = local and os.path.isdir(proc)
         self.proc = proc
-        self.sampler = CpuSampler(config.loop_rate / 2, config.tick, proc)
         self.runner = (
             CaptureRunner(
                 config.diagnostic_command,
@@ -271,11 +258,6 @@ class Diagnostics:
                 config.endpoint,
             )
 
-    def tick(self, table: Table, now: float) -> None:
-        """Refresh a slice of the CPU baselines (call once per tick)."""
-        if self.local:
-            self.sampler.sample(table, now)
-
     async def before_kill(
         self,
         pid: int,
@@ -294,12 +276,8 @@ class Diagnostics:
         """
         inspect = inspect and self.local
         when = time.time()
-        base = self.sampler.baseline(pid)
-        self.sampler.forget(pid)
         silent = why.silent_for
-        snapshot = (
-            Snapshot.take(pid, base, why.now, self.proc) if inspect else Snapshot(pid)
-        )
+        snapshot = Snapshot.take(pid, self.proc) if inspect else Snapshot(pid)
         line = kill_line(watcher, pid, why, snapshot, dry_run=dry_run)
         logger.warning("%s", line)
         capture = await self._capture(pid, watcher) if inspect else None
@@ -307,7 +285,7 @@ class Diagnostics:
         if self.store is not None:
             body = capture_file(when, watcher, pid, line, snapshot, capture)
             path = await asyncio.to_thread(self.store.write, when, watcher, pid, body)
-        return KillReport(when, silent, snapshot, path)
+        return KillReport(when, silent, snapshot, path, why.detail)
 
     async def _capture(self, pid: int, watcher: str) -> Capture | None:
         if self.runner is None:

@@ -29,6 +29,7 @@ from ._core import HeartbeatTable, compiled
 from .circusd import CommandClient, EventSubscriber
 from .config import Config
 from .diagnostics import Diagnostics, Why
+from .evidence import READINGS_PER_TICK, Examiner
 from .killer import Killer, is_local_endpoint
 from .metrics import Metrics, Readings, make_registry, serve_http
 from .policy import KillPolicy
@@ -69,12 +70,15 @@ class Watchdog:
         self.table = HeartbeatTable(config.timeout, config.tick)
         self.metrics = Metrics()
         self.registry = Registry(self.table, config, self_pids={os.getpid()})
+        local = is_local_endpoint(config.endpoint)
+        self.examiner = Examiner(local=local)
         self.policy = KillPolicy(
             config.timeout,
             storm_guard=config.storm_guard,
             max_kill_fraction=config.max_kill_fraction,
             storm_floor=config.storm_floor,
             dry_run=config.dry_run,
+            evidence=self.examiner.on,
         )
         self.receiver = Receiver(config, self.table, self.metrics)
         self.client = CommandClient(
@@ -90,7 +94,6 @@ class Watchdog:
             endpoint=config.endpoint,
             resync_interval=config.resync_interval,
         )
-        local = is_local_endpoint(config.endpoint)
         self.diagnostics = Diagnostics(config, self.metrics, local=local)
         self.killer = Killer(
             self.client,
@@ -181,6 +184,12 @@ class Watchdog:
             config.tick,
             " (dry run: nothing will be killed)" if config.dry_run else "",
         )
+        if self.examiner.off is not None:
+            logger.warning(
+                "starved and traced checks off: %s; a silent pid is killed at "
+                "its timeout whatever it was doing",
+                self.examiner.off,
+            )
         if not compiled:
             logger.warning(
                 "running the pure-Python core (several times slower per heartbeat): %s",
@@ -207,7 +216,6 @@ class Watchdog:
         """Expire the silent pids and act on the policy's decision."""
         drops = self.table.kernel_drops - self._drops_at_tick
         self._drops_at_tick += drops
-        self.diagnostics.tick(self.table, now)  # CPU-since-beat baselines
         if not self.sync.connected:
             return  # never kill on stale state: wait for a fresh list
         registry = self.registry
@@ -229,7 +237,27 @@ class Watchdog:
                 self.hold(pid, reason, now, decision.storm or _own(reason, drops))
             for pid in decision.kill:
                 self.kill(pid, now, dry_run=decision.dry_run)
+            self.examine(decision.examine, now, dry_run=decision.dry_run)
         self.holds.flush()
+
+    def examine(self, pids: list[int], now: float, *, dry_run: bool) -> None:
+        """Read each late pid (at most READINGS_PER_TICK; the rest wait a
+        tick) and watch it one more tick, hold it, or kill it."""
+        window = self.table.tick / 2  # expires again on the next tick
+        for n, pid in enumerate(pids):
+            late = self.registry.late(pid)
+            if late is None:
+                continue
+            if n >= READINGS_PER_TICK:  # deferred
+                self.registry.rearm(pid, now, window, late.reading)
+                continue
+            found = self.examiner.examine(pid, late.watcher, late.reading, now)
+            if found.verdict == "watch":
+                self.registry.rearm(pid, now, window, found.reading)
+            elif found.reason is not None:
+                self.hold(pid, found.reason, now, found.words)
+            else:
+                self.kill(pid, now, dry_run=dry_run, detail=found.words)
 
     def hold(self, pid: int, reason: str, now: float, detail: str) -> None:
         """Hold late ``pid``'s kill: a fresh deadline, counted, logged once."""
@@ -361,13 +389,14 @@ class HoldLog:
 
     def started(self, pid: int, late: Late, detail: str) -> None:
         """``pid``'s hold starts."""
+        reason = late.reason or ""
+        text = detail if detail.startswith(reason) else f"{reason}, {detail}"
         self._say(
-            f"{late.reason} hold(s) started",
-            "holding %s pid %d: %s, %s",
+            f"{reason} hold(s) started",
+            "holding %s pid %d: %s",
             late.watcher,
             pid,
-            late.reason,
-            detail,
+            text,
         )
 
     def ended(self, pid: int, late: Late, now: float) -> None:

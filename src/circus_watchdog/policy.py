@@ -21,9 +21,22 @@ expired into kills, holds and pids to examine:
   allowed share is killed over the whole storm, and the rest are held until
   they beat again (never killed for resuming) or reach the bound.
 - Evidence (``starved``, ``traced``): where circusd's pids can be read in
-  ``/proc``, a late pid is examined before it is killed (see `evidence`):
-  the policy hands it to the engine as ``examine``, and `judge` holds it when
-  it was starved of CPU or is stopped under someone's debugger.
+  ``/proc``, a late pid is examined before it is killed (how: `evidence`):
+  the policy hands it to the engine as ``examine``, and `judge` decides on
+  two readings one tick apart.  Traced: a thread is in a ptrace stop under a
+  tracer that is not our own ``diagnostic_command``: an operator at work.
+  Starved: over the window it ran at most ``1 / STARVED_RATIO`` of it, and
+  it was waiting for a CPU: its run-queue wait grew by at least
+  ``STARVED_WAIT`` of the window, or a thread was runnable (``R``) at both
+  readings (the kernel books a wait only once the thread gets a CPU, so a
+  thread that got none in the window shows no wait).  That is runnable but
+  given almost no CPU: host overload, a cgroup quota, a low priority.  A
+  hung process neither runs nor waits, and a spinning one runs: both are
+  killed.  STARVED_RATIO is the margin between the two on a 2-CPU host with
+  one CPU hog per CPU (docs/operations.md gives the figures measured there).
+  A spinning process on a host so overloaded that it gets under
+  ``1 / STARVED_RATIO`` of a CPU is held as starved, then killed at the
+  bound.
 - Dry run: the decision is made and reported, but the killer only logs it.
 
 Every hold gives the pid a fresh deadline (its timeout) and is bounded: a pid
@@ -38,6 +51,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .procfs import Sched
 from .registry import Late
 
 logger = logging.getLogger("circus.watchdog")
@@ -49,6 +63,11 @@ HOLD_LIMIT = 10
 HOLD_REASONS = ("stall", "kernel_drops", "storm", "starved", "traced")
 
 Expired = Sequence[tuple[int, Late]]
+
+#: Starved: it ran at most 1 / STARVED_RATIO of the window ...
+STARVED_RATIO = 8.0
+#: ... and its run-queue wait grew by this share of it (or it stayed runnable).
+STARVED_WAIT = 0.5
 
 
 @dataclass
@@ -67,6 +86,24 @@ def at_bound(late: Late, now: float) -> bool:
     """True once ``late``'s hold has lasted HOLD_LIMIT of its timeouts."""
     held = late.held_since
     return held is not None and now - held >= HOLD_LIMIT * late.timeout
+
+
+def judge(first: Sched, second: Sched, *, own_tracer: bool) -> tuple[str | None, str]:
+    """The hold reason (None: kill) for two readings of one process, and the
+    window in words; ``own_tracer``: the tracer is our diagnostic_command."""
+    window = max(second.at - first.at, 1e-9)
+    ran = max(0.0, second.ran - first.ran)
+    waited = max(0.0, second.waited - first.waited)
+    words = (
+        f"ran {ran:.2f} s and waited {waited:.2f} s for a CPU in the last "
+        f"{window:.2f} s"
+    )
+    if second.tracer and not own_tracer:
+        return "traced", words
+    waiting = waited >= STARVED_WAIT * window or (first.runnable and second.runnable)
+    if ran * STARVED_RATIO <= window and waiting:
+        return "starved", words
+    return None, words
 
 
 class KillPolicy:
