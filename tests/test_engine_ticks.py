@@ -7,19 +7,22 @@ what would be killed.  Real circusd runs are in test_engine.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from circus_watchdog import engine, evidence
+from circus_watchdog import engine, evidence, holds
 from circus_watchdog.diagnostics import Why
 from circus_watchdog.evidence import MIN_WINDOW, Examiner
 from circus_watchdog.policy import HOLD_LIMIT
 from fake_circusd import config
 from procs import fake_stat
+from support import free_udp_port
 from test_evidence import fake_proc, fake_task
 
 T0 = 1000.0
@@ -172,8 +175,8 @@ def test_hold_lines_are_capped_per_tick(
     caplog.set_level(logging.WARNING, "circus.watchdog")
     wd.tick(T0 + TIMEOUT + 0.5)
     lines = messages(caplog)
-    assert len([m for m in lines if m.startswith("holding")]) == engine.HOLD_LINES
-    assert f"and {50 - engine.HOLD_LINES} more storm hold(s) started" in lines
+    assert len([m for m in lines if m.startswith("holding")]) == holds.HOLD_LINES
+    assert f"and {50 - holds.HOLD_LINES} more storm hold(s) started" in lines
     assert wd.metrics.kills_held["storm"] == 50
 
 
@@ -291,3 +294,18 @@ def test_evidence_reads_are_capped_per_tick(
     kills = wd.killer.kills  # type: ignore[attr-defined]
     assert sorted(k[0] for k in kills) == pids  # deferred, not dropped
     assert len(reads) == 2 * len(pids)  # two readings each, no more
+
+
+def test_a_start_that_fails_says_it_did_not_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        wd = engine.Watchdog(config(metrics_port=str(port), port=str(free_udp_port())))
+        with caplog.at_level(logging.INFO, "circus.watchdog"):
+            with pytest.raises(OSError, match="metrics_port"):
+                asyncio.run(wd.run(asyncio.Event()))
+    lines = [r.getMessage() for r in caplog.records]
+    assert "watchdog did not start" in lines and "watchdog stopped" not in lines

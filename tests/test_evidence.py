@@ -25,6 +25,12 @@ linux_only = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def spawn() -> Iterator[Children]:
+    with Children() as children:
+        yield children
+
+
 def fake_task(
     proc: Path,
     pid: int,
@@ -179,25 +185,32 @@ def test_examiner_traced_names_the_tracer(tmp_path: Path) -> None:
 def test_examiner_unreadable_pid_is_killed_and_said_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Live processes (this one, its parent) missing from the tree: hidden.
     ex = Examiner(local=True, proc=str(fake_proc(tmp_path)))
     with caplog.at_level("WARNING", "circus.watchdog"):
-        for pid in (50, 51):
+        for pid in (os.getpid(), os.getppid()):
             found = ex.examine(pid, "web", None, 1.0)
             assert found.verdict == "kill" and "unreadable" in found.words
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "cannot read /proc/50 of web (hidepid, another pid namespace?): such "
-        "pids are killed without the starved and traced checks"
+        f"cannot read /proc/{os.getpid()} of web (hidepid, another pid "
+        "namespace?): such pids are killed without the starved and traced checks"
     ]
 
 
+def test_examiner_gone_pid_is_killed_without_a_word(
+    tmp_path: Path, spawn: Children, caplog: pytest.LogCaptureFixture
+) -> None:
+    pid = spawn.start("true")
+    spawn.procs[-1].wait(BOUND)  # reaped: gone
+    ex = Examiner(local=True, proc=str(fake_proc(tmp_path)))
+    with caplog.at_level("WARNING", "circus.watchdog"):
+        found = ex.examine(pid, "web", None, 1.0)
+    assert found == ("kill", None, "no evidence (it is gone)", None)
+    assert caplog.records == []
+
+
 # -- real processes ----------------------------------------------------------------
-
-
-@pytest.fixture
-def spawn() -> Iterator[Children]:
-    with Children() as children:
-        yield children
 
 
 def two_readings(pid: int, window: float) -> tuple[str | None, str]:

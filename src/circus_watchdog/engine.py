@@ -10,14 +10,12 @@ Each part owns its state: the table the timing of every monitored pid, the
 registry every pid's lifecycle (late and held pids included), sync whether
 circusd is connected, the policy its storm window, the killer its kills under
 way, ``Metrics`` the counters.  The engine carries out each tick's decision
-and logs each hold once when it starts and once when it ends
-(``HoldLog``, at most ``HOLD_LINES`` lines a tick).
+(holds are logged by `holds.HoldLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
 import os
@@ -30,17 +28,17 @@ from .circusd import CommandClient, EventSubscriber
 from .config import Config
 from .diagnostics import Diagnostics, Why
 from .evidence import READINGS_PER_TICK, Examiner
+from .holds import HoldLog
 from .killer import Killer, is_local_endpoint
 from .metrics import Metrics, Readings, make_registry, serve_http
 from .policy import KillPolicy
 from .receiver import Receiver
-from .registry import Late, Registry
+from .registry import Registry
 from .sync import Sync
 
 logger = logging.getLogger("circus.watchdog")
 
 SUMMARY_INTERVAL = 10.0  # seconds between summaries of ignored datagrams
-HOLD_LINES = 20  # hold start and end lines per tick; the rest are summed up
 
 
 def version_info(loop_name: str) -> dict[str, str]:
@@ -241,17 +239,22 @@ class Watchdog:
         self.holds.flush()
 
     def examine(self, pids: list[int], now: float, *, dry_run: bool) -> None:
-        """Read each late pid (at most READINGS_PER_TICK; the rest wait a
-        tick) and watch it one more tick, hold it, or kill it."""
-        window = self.table.tick / 2  # expires again on the next tick
-        for n, pid in enumerate(pids):
-            late = self.registry.late(pid)
-            if late is None:
+        """Read each late pid and watch it one more tick, hold it, or kill it.
+
+        At most READINGS_PER_TICK readings, second readings first; the rest
+        are deferred, half a tick's readings to each following tick.
+        """
+        tick = self.table.tick
+        window = tick / 2  # expires again on the next tick
+        late = [(p, r) for p in pids if (r := self.registry.late(p)) is not None]
+        if len(late) > READINGS_PER_TICK:  # finish what was begun first
+            late.sort(key=lambda item: item[1].reading is None)
+        for n, (pid, record) in enumerate(late):
+            if n >= READINGS_PER_TICK:
+                turn = (n - READINGS_PER_TICK) // (READINGS_PER_TICK // 2)
+                self.registry.rearm(pid, now, window + turn * tick, record.reading)
                 continue
-            if n >= READINGS_PER_TICK:  # deferred
-                self.registry.rearm(pid, now, window, late.reading)
-                continue
-            found = self.examiner.examine(pid, late.watcher, late.reading, now)
+            found = self.examiner.examine(pid, record.watcher, record.reading, now)
             if found.verdict == "watch":
                 self.registry.rearm(pid, now, window, found.reading)
             elif found.reason is not None:
@@ -377,52 +380,3 @@ def _own(reason: str, drops: int) -> str:
     if reason == "stall":
         return "the watchdog's own tick ran late"
     return f"the kernel dropped {drops} datagram(s) since the last tick"
-
-
-class HoldLog:
-    """Logs each hold once when it starts and once when it ends, at most
-    ``HOLD_LINES`` lines a tick; ``flush`` sums up the rest."""
-
-    def __init__(self) -> None:
-        self._lines = 0
-        self._unsaid: collections.Counter[str] = collections.Counter()
-
-    def started(self, pid: int, late: Late, detail: str) -> None:
-        """``pid``'s hold starts."""
-        reason = late.reason or ""
-        text = detail if detail.startswith(reason) else f"{reason}, {detail}"
-        self._say(
-            f"{reason} hold(s) started",
-            "holding %s pid %d: %s",
-            late.watcher,
-            pid,
-            text,
-        )
-
-    def ended(self, pid: int, late: Late, now: float) -> None:
-        """``pid`` beat again: its hold ends."""
-        self._say(
-            f"{late.reason} hold(s) ended (resumed)",
-            "hold of %s pid %d ended: resumed (%s, held %.1f s)",
-            late.watcher,
-            pid,
-            late.reason,
-            now - (late.held_since or now),
-        )
-
-    def _say(self, kind: str, fmt: str, *args: object) -> None:
-        if self._lines < HOLD_LINES:
-            self._lines += 1
-            logger.warning(fmt, *args)
-        else:
-            self._unsaid[kind] += 1
-
-    def flush(self) -> None:
-        """End of a tick: one line for the lines left out."""
-        if self._unsaid:
-            logger.warning(
-                "and %s",
-                ", ".join(f"{n} more {kind}" for kind, n in self._unsaid.items()),
-            )
-        self._lines = 0
-        self._unsaid.clear()

@@ -23,10 +23,13 @@ most 14.8 % of a 0.05 s window but at most 1.3 % of a 0.1 s one and 0.8 % of a
 22 % (0.3 s).
 
 
-At most ``READINGS_PER_TICK`` readings are taken on one tick: a storm of
-silent pids beyond that (with the storm guard off, or within the allowed
-share of a huge fleet) waits for the following ticks, re-armed for one tick,
-so a tick's evidence work is bounded and the rest is deferred, not dropped.
+At most ``READINGS_PER_TICK`` readings are taken on one tick, second
+readings first: a storm of silent pids beyond that (with the storm guard off,
+or within the allowed share of a huge fleet) is deferred, not dropped: the
+engine re-arms the rest so that about half a tick's readings come due on each
+following tick.  After the tick on which they expire (which costs the table's
+expiry of each), a tick's work is bounded, and the last of N deferred pids is
+decided about ``2 * N / READINGS_PER_TICK`` ticks late.
 
 The checks are off, and a late pid is killed as before, where there is no
 evidence: circusd on another host (its pids are not ours), a kernel without
@@ -43,15 +46,26 @@ import os
 from typing import NamedTuple
 
 from .policy import judge
-from .procfs import PROC, Sched, comm, cpu_pressure, parent_pid, read_sched, sched_info
+from .procfs import (
+    PROC,
+    Sched,
+    alive,
+    comm,
+    cpu_pressure,
+    parent_pid,
+    read_sched,
+    sched_info,
+)
 
 logger = logging.getLogger("circus.watchdog")
 
 #: Evidence readings taken on one tick at most (each reads a few small
 #: /proc files per thread of the pid).
 READINGS_PER_TICK = 100
-#: The shortest evidence window, seconds (see module doc).
+#: The shortest evidence window, seconds (see module doc) ...
 MIN_WINDOW = 0.1
+#: ... give or take this much, so that a tick of exactly MIN_WINDOW is enough.
+WINDOW_SLACK = 0.001
 
 
 class Finding(NamedTuple):
@@ -94,11 +108,13 @@ class Examiner:
         reading (None: this is the first)."""
         second = read_sched(pid, now, self.proc)
         if second is None:
+            if not alive(pid, self.proc):  # gone: circusd will report it
+                return Finding("kill", words="no evidence (it is gone)")
             self._unreadable(pid, watcher)
             return Finding("kill", words="no evidence (its /proc is unreadable)")
         if first is None or first.start != second.start:
             return Finding("watch", reading=second)
-        if second.at - first.at < MIN_WINDOW:
+        if second.at - first.at < MIN_WINDOW - WINDOW_SLACK:
             return Finding("watch", reading=first)  # look again next tick
         tracer = second.tracer
         own = bool(tracer) and parent_pid(tracer, self.proc) == os.getpid()
