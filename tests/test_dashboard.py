@@ -33,6 +33,7 @@ LABEL_VALUES = re.compile(r"label_values\((?P<expr>.+),\s*(?P<label>\w+)\)")
 ON_CALL = {
     "circus_watchdog_circusd_connected": None,
     "circus_watchdog_monitored_pids": None,
+    "circus_watchdog_watcher_pids": "watcher",
     "circus_watchdog_heartbeats_total": None,
     "circus_watchdog_unknown_pid_total": None,
     "circus_watchdog_malformed_total": None,

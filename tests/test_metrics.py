@@ -55,6 +55,7 @@ SERIES = {
     "circus_watchdog_capture_failures_total": "counter",
     "circus_watchdog_kills_total": "counter",
     "circus_watchdog_monitored_pids": "gauge",
+    "circus_watchdog_watcher_pids": "gauge",
     "circus_watchdog_circusd_connected": "gauge",
     "circus_watchdog_excluded_pids": "gauge",
     "circus_watchdog_info": "gauge",  # the text format has no info type
@@ -69,6 +70,7 @@ def readings(**changes: Any) -> Readings:
         excluded_pids=2,
         kernel_drops=4,
         control_truncated=1,
+        watcher_pids={"web": 5, "idle": 2},
     )
     return base._replace(**changes)
 
@@ -127,6 +129,12 @@ def test_every_series_with_its_type_and_value() -> None:
     }
     for name, value in expected.items():
         assert values[("circus_watchdog_" + name, no)] == value, name
+    by_watcher = {
+        labels: v
+        for (name, labels), v in values.items()
+        if name == "circus_watchdog_watcher_pids"
+    }
+    assert by_watcher == {(("watcher", "idle"),): 2, (("watcher", "web"),): 5}
     held = {
         labels: v
         for (name, labels), v in values.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from typing import Any
@@ -248,6 +249,8 @@ def make_machine(classes: list[type]) -> type[RuleBasedStateMachine]:
                 for pid, (seen, watcher, _) in self.model.last.items():
                     assert t.last_seen(pid) == seen
                     assert t.watcher_of(pid) == watcher
+                counts = collections.Counter(w for _, w, _ in self.model.last.values())
+                assert t.watcher_counts() == dict(counts)
 
     return TableMachine
 
@@ -297,3 +300,17 @@ def test_watcher_timeouts(table_cls: type) -> None:
         t.set_watcher_timeout("web", 0)
     with pytest.raises(ValueError, match="grace"):
         t.add(3, "web", 0.0, grace=-1)
+
+
+def test_watcher_counts(table_cls: Any) -> None:
+    table = table_cls(3.0, 0.1)
+    assert table.watcher_counts() == {}
+    for pid in (10, 11, 12):
+        table.add(pid, "web", 0.0)
+    table.add(20, "idle", 0.0)
+    table.add(30, "gone", 0.0)
+    table.remove(30)
+    assert table.watcher_counts() == {"web": 3, "idle": 1}
+    table.remove(10)
+    table.add(11, "idle", 0.0)  # re-added under another watcher
+    assert table.watcher_counts() == {"web": 1, "idle": 2}

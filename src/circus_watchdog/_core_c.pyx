@@ -409,6 +409,15 @@ cdef class HeartbeatTable:
         return [self._entries[i].pid for i in range(1 << self._bits)
                 if self._entries[i].pid != EMPTY]
 
+    def watcher_counts(self):
+        """How many pids each watcher has in the table (watchers with none left out)."""
+        cdef int32_t i
+        cdef list counts = [0] * len(self._watchers)
+        for i in range(1 << self._bits):
+            if self._entries[i].pid != EMPTY:
+                counts[self._slots[self._entries[i].slot].wid] += 1
+        return {w: n for w, n in zip(self._watchers, counts) if n}
+
     def watcher_of(self, pid):
         """Name of the watcher that owns ``pid``; KeyError if not monitored."""
         return self._watchers[self._slots[self._slot_of(pid)].wid]

@@ -15,6 +15,7 @@ table size, and a beat never touches the wheel.
 from __future__ import annotations
 
 import array
+import collections
 import math
 import os
 import re
@@ -214,6 +215,11 @@ class HeartbeatTable:
     def pids(self) -> list[int]:
         """The monitored pids, in no particular order."""
         return list(self._index)
+
+    def watcher_counts(self) -> dict[str, int]:
+        """How many pids each watcher has in the table (watchers with none left out)."""
+        counts = collections.Counter(self._wid[slot] for slot in self._index.values())
+        return {self._watchers[wid]: n for wid, n in sorted(counts.items())}
 
     def watcher_of(self, pid: int) -> str:
         """Name of the watcher that owns ``pid``; KeyError if not monitored."""

@@ -300,6 +300,7 @@ class Watchdog:
             excluded_pids=sum(self.registry.excluded.values()),
             kernel_drops=self.table.kernel_drops,
             control_truncated=getattr(self.table, "control_truncated", 0),
+            watcher_pids=self.table.watcher_counts(),
         )
 
     def status(self, now: float | None = None) -> dict[str, Any]:

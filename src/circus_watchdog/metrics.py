@@ -82,6 +82,7 @@ class Readings(NamedTuple):
     excluded_pids: int
     kernel_drops: int
     control_truncated: int
+    watcher_pids: Mapping[str, int] = {}  # monitored pids of each watcher
 
 
 # (Metrics attribute, name without prefix and _total, help)
@@ -140,6 +141,14 @@ class WatchdogCollector(Collector):
             metrics.kills,
             now.watchers,
         )
+        by_watcher = GaugeMetricFamily(
+            PREFIX + "watcher_pids",
+            "pids being watched, by watcher",
+            labels=["watcher"],
+        )
+        for watcher in sorted(set(now.watchers) | set(now.watcher_pids)):
+            by_watcher.add_metric([watcher], now.watcher_pids.get(watcher, 0))
+        yield by_watcher
         yield _labelled(
             "kills_held",
             "kills held (a due kill not made), by reason (see policy)",
