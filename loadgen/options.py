@@ -8,10 +8,14 @@ import ipaddress
 import math
 import re
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from circus_watchdog.client import parse_address
 from circus_watchdog.pids import PID_MAX
+from circus_watchdog.values import integer, seconds
+
+T = TypeVar("T")
 
 DEFAULT_TARGET = "127.0.0.1:1664"
 DEFAULT_DURATION = 10.0  # seconds, when neither --count nor --duration is given
@@ -149,26 +153,20 @@ def fetch_pids(endpoint: str, watchers: str, timeout: float) -> tuple[int, ...]:
     return found
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from one of the watchdog's value parsers (same rules)."""
+
+    def type_(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {error}") from None
+
+    return type_
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
+positive_int = _argument(integer("an integer >= 1", 1))
+positive_float = _argument(seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:
