@@ -292,7 +292,7 @@ def test_zero_delay_reads_on_every_wake_up() -> None:
     assert loop.timer is None and c.wakeups == 5
 
 
-class SimLoop:
+class SimLoop(FakeLoop):
     """An event loop on a simulated clock (ms resolution is far too coarse:
     seconds as floats), with a socket fed by a list of arrival times.
 
@@ -303,31 +303,20 @@ class SimLoop:
     BUDGET = 4096
 
     def __init__(self, arrivals: list[float]) -> None:
+        super().__init__()
         self.now = 0.0
         self._arrivals = iter(arrivals)
         self._next: float | None = next(self._arrivals, None)
         self._queue: list[float] = []
-        self.reader: Callable[[], None] | None = None
-        self.timer: tuple[float, Callable[[], None]] | None = None
         self.waits: list[float] = []
         self.timers = 0  # timer callbacks run
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.reader = callback
-
-    def remove_reader(self, fd: int) -> bool:
-        self.reader = None
-        return True
-
     def call_later(self, delay: float, callback: Callable[[], None]) -> object:
-        self.timer = (self.now + delay, callback)
+        self.timer = (self.now + delay, callback)  # when due, not the delay
         return self
 
     def call_soon(self, callback: Callable[[], None]) -> object:
         return self.call_later(0.0, callback)
-
-    def cancel(self) -> None:
-        self.timer = None
 
     def read(self) -> int:
         batch = self._queue[: self.BUDGET]
