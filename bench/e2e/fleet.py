@@ -27,7 +27,7 @@ from circus_watchdog.harness import (
 )
 
 SLEEP = "sleep 36000"  # a real process that costs nothing
-SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet, plus 1 s per 100
+SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet, plus 1 s per 25
 SYNC_LIMIT = 60.0  # seconds for a daemon to monitor the whole fleet
 WATCHED = "^(fleet|probe)$"
 
@@ -95,6 +95,6 @@ numprocesses = 1
             pids = circusd.pids("fleet")
             return pids if len(pids) == procs else None
 
-        pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT + procs / 100, interval=0.5)
+        pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT + procs / 25, interval=0.5)
         [probe] = circusd.wait_for(lambda: circusd.pids("probe"), SPAWN_LIMIT)
         yield Fleet(circusd, pids, probe, start_daemon, cpu)

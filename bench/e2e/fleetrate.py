@@ -48,7 +48,7 @@ Log = Callable[[str], None]
 RCVBUF = 8 << 20  # the daemon's default, for the original and the floors
 SPAWN_WATCHERS, SPAWN_PROCS = 50, 100
 SPAWN_LIMIT = 300.0  # seconds for circusd to start the spawn fleet
-SPAWN_POLL = 0.5  # seconds between counts of circusd's children
+SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
 REST = 10.0  # seconds of circusd at rest after the spawn
 PLUGINS = {
     "off": None,
