@@ -140,6 +140,7 @@ class Sync:
         if self._for_unknown:  # learnt nothing: forged pids, or other watchers'
             gap = UNKNOWN_RELIST if learnt else 2 * self._unknown_gap
             self._unknown_gap = min(gap, max(self.resync_interval, UNKNOWN_RELIST))
+            self._unknown_next = self._now() + self._unknown_gap
             self._for_unknown = False
         if not self.connected or self._warned_at is not None:
             logger.info(
@@ -223,7 +224,6 @@ class Sync:
         now = self._now()
         unknown = self.metrics.unknown > self._unknown_mark
         if unknown and now >= self._unknown_next and not self._full:
-            self._unknown_next = now + self._unknown_gap
             self._full = self._for_unknown = True
         if self._full or now >= self._next_full:
             self._next_full = now + self.resync_interval
