@@ -164,7 +164,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             mine = [r for r in rows if r["receiver"] == kind]
             cell[kind] = {
                 key: spread(r[key] for r in mine)
-                for key in ("cpu_us_per_hb", "wakeups_per_s", "cpu")
+                for key in ("ran_us_per_hb", "cpu_us_per_hb", "wakeups_per_s", "cpu")
             }
         daemon_cpu = cell["daemon"]["cpu"]
         if daemon_cpu:  # % of a core per 1,000 pids at one heartbeat/s per pid
@@ -172,7 +172,9 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             percent = daemon_cpu["median"] / window * 100
             cell["daemon_percent_per_1000_pids"] = percent * 1000 / n
         for num, den in (("original", "daemon"), ("daemon", "floor_sleep")):
-            cell[f"{num} / {den}"] = paired(rows, num, den)[str(n)]
+            for key in ("ran_us_per_hb", "cpu_us_per_hb"):
+                ratio = paired(rows, num, den, key)[str(n)]
+                cell[f"{num} / {den} ({key})"] = ratio
         if "freshness" in fl:
             cell["freshness_ms"] = {
                 k: spread(d * 1e3 for d in fl["freshness"][k]["delays"])
