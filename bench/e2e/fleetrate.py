@@ -41,7 +41,7 @@ from .cli import machine
 from .fleet import fleet
 from .floors import FLOORS, PAUSE, build
 from .receivers import DaemonReceiver, FloorReceiver, OriginalReceiver
-from .report import paired, spread
+from .report import _fmt, paired, spread
 from .sender import ROOT, Sender, pinned
 
 Log = Callable[[str], None]
@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spawn-repeats", type=int, default=2, help="0: no spawn phase")
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--out", type=Path, help="results JSON")
+    p.add_argument("--report-only", type=Path, metavar="RESULTS_JSON")
     args = p.parse_args(argv)
     args.sizes = [int(n) for n in args.pids.split(",") if n.strip()]
     return args
@@ -163,7 +164,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         for kind in sorted({r["receiver"] for r in rows}):
             mine = [r for r in rows if r["receiver"] == kind]
             cell[kind] = {
-                key: spread(r[key] for r in mine)
+                key: spread(r.get(key) for r in mine)
                 for key in ("ran_us_per_hb", "cpu_us_per_hb", "wakeups_per_s", "cpu")
             }
         daemon_cpu = cell["daemon"]["cpu"]
@@ -173,7 +174,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             cell["daemon_percent_per_1000_pids"] = percent * 1000 / n
         for num, den in (("original", "daemon"), ("daemon", "floor_sleep")):
             for key in ("ran_us_per_hb", "cpu_us_per_hb"):
-                ratio = paired(rows, num, den, key)[str(n)]
+                ratio = paired(rows, num, den, key).get(str(n))
                 cell[f"{num} / {den} ({key})"] = ratio
         if "freshness" in fl:
             cell["freshness_ms"] = {
@@ -189,8 +190,55 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of a run's summary (medians [min-max])."""
+    summ = summary(res)
+    out = [
+        "| pids = heartbeats/s | receiver | CPU us/heartbeat (schedstat) "
+        "| CPU us/heartbeat (psutil) | wake-ups/s |",
+        "|--:|---|--:|--:|--:|",
+    ]
+    ratios = [
+        "| pids | original / daemon | daemon / floor_sleep | freshness idle, "
+        "ms | freshness under the fleet, ms | daemon % of a core per 1,000 pids |",
+        "|--:|--:|--:|--:|--:|--:|",
+    ]
+    for n, cell in summ.items():
+        if n.startswith("spawn"):
+            continue
+        for kind in ("daemon", "original", "floor_block", "floor_sleep"):
+            c = cell[kind]
+            out.append(
+                f"| {int(n):,} | {kind} | {_fmt(c['ran_us_per_hb'])} | "
+                f"{_fmt(c['cpu_us_per_hb'])} | {_fmt(c['wakeups_per_s'], '.0f')} |"
+            )
+        fresh = cell.get("freshness_ms", {})
+        ratios.append(
+            f"| {int(n):,} | {_fmt(cell['original / daemon (ran_us_per_hb)'])} | "
+            f"{_fmt(cell['daemon / floor_sleep (ran_us_per_hb)'])} "
+            f"({_fmt(cell['daemon / floor_sleep (cpu_us_per_hb)'])} psutil) | "
+            f"{_fmt(fresh.get('idle'))} | {_fmt(fresh.get('flood'))} | "
+            f"{cell.get('daemon_percent_per_1000_pids', 0):.2g} |"
+        )
+    spawn = [
+        "| plugin | spawn seconds | circusd CPU s by then | circusd % at rest |",
+        "|---|--:|--:|--:|",
+    ]
+    for name in PLUGINS:
+        c = summ.get(f"spawn {name}")
+        if c:
+            cpu, rest = c["circusd_cpu_spawn"], c["circusd_cpu_rest_percent"]
+            spawn.append(
+                f"| {name} | {_fmt(c['spawn_seconds'])} | {_fmt(cpu)} | {_fmt(rest)} |"
+            )
+    return "\n".join([*out, "", *ratios, "", *spawn])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        print(markdown(json.loads(args.report_only.read_text())))
+        return 0
     started = time.monotonic()
 
     def log(msg: str) -> None:
@@ -202,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.e2e.fleetrate", *sys.argv[1:]]),
         "machine": machine(),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "args": {
+            k: v for k, v in vars(args).items() if k not in ("out", "report_only")
+        },
         "fleets": [],
     }
 
@@ -222,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         res["machine"]["loadavg_end"] = os.getloadavg()
         save()
         log(f"results: {out}")
-    print(json.dumps(res["summary"], indent=1))
+    print(markdown(res))
     return 0
 
 
