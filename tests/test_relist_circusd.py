@@ -12,8 +12,14 @@ from collections.abc import Callable
 
 import psutil
 
-from circus_watchdog.harness import free_udp_port
-from support import SLEEPER, Circusd, Standalone, wait_for, wait_pids
+from support import (
+    SLEEPER,
+    Circusd,
+    Standalone,
+    free_udp_port,
+    wait_for,
+    wait_pids,
+)
 
 ROUNDS = 3
 WITHIN = 1.0  # seconds for the monitored set to match circusd's
