@@ -1,6 +1,7 @@
-"""Declares the compiled core; everything else lives in pyproject.toml.
+"""Declares the compiled core and loadgen's compiled sender; everything else
+lives in pyproject.toml.
 
-CIRCUS_WATCHDOG_NO_EXTENSIONS=1 skips the compiled core.
+CIRCUS_WATCHDOG_NO_EXTENSIONS=1 skips both.
 CIRCUS_WATCHDOG_REQUIRE_EXTENSIONS=1 turns a failed compile into an error
 (CI and wheel builds set it); otherwise a failed compile falls back to the
 pure-Python core with a loud warning.
@@ -22,7 +23,7 @@ def _say(lines: list[str]) -> None:
 
 
 class OptionalBuildExt(build_ext):
-    """Builds the core, or falls back to pure Python unless required."""
+    """Builds each extension, or falls back to its pure twin unless required."""
 
     def run(self) -> None:
         try:
@@ -36,15 +37,15 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001
             self._fallback(exc)
         else:
-            _say(["circus-watchdog: Accelerated build (compiled core)."])
+            _say([f"circus-watchdog: Accelerated build ({ext.name})."])
 
     def _fallback(self, exc: Exception) -> None:
         if REQUIRE_EXTENSIONS:
             raise
         _say(
             [
-                f"WARNING: the compiled core failed to build ({exc}).",
-                "circus-watchdog will use its pure-Python core, which is",
+                f"WARNING: a compiled twin failed to build ({exc}).",
+                "circus-watchdog will use its pure-Python twin, which is",
                 "several times slower. Install a C compiler and Python headers,",
                 "or set CIRCUS_WATCHDOG_REQUIRE_EXTENSIONS=1 to make this fatal.",
             ]
@@ -58,12 +59,19 @@ else:
     # setuptools' build_ext runs Cython on .pyx sources when Cython is present
     # (it is in build-system.requires), inside build_extension, so a failure
     # there reaches OptionalBuildExt's fallback.
+    # include_dirs: the sender cimports circus_watchdog/_syscalls.pxd.
     ext_modules = [
         Extension(
             "circus_watchdog._core_c",
             ["src/circus_watchdog/_core_c.pyx"],
             extra_compile_args=["-O3"],
-        )
+        ),
+        Extension(
+            "circus_watchdog.loadgen._send_c",
+            ["loadgen/_send_c.pyx"],
+            include_dirs=["src"],
+            extra_compile_args=["-O3"],
+        ),
     ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from circus_watchdog.receiver import set_rcvbuf
+from circus_watchdog.sockets import set_rcvbuf
 from report import Results, format_summary
 from support import Impl, UdpPair, core_module, original_watchdog
 
@@ -113,7 +113,7 @@ def udp_pair() -> Iterator[UdpPair]:
     """127.0.0.1 sockets whose receiver queue holds tens of thousands of heartbeats.
 
     The receiver asks for 32 MiB as the daemon sizes its socket
-    (``circus_watchdog.receiver.set_rcvbuf``: SO_RCVBUFFORCE where allowed,
+    (``circus_watchdog.sockets.set_rcvbuf``: SO_RCVBUFFORCE where allowed,
     else as much as net.core.rmem_max grants).  The capacity is measured by
     sending more than fits; each drain round queues 3/4 of it at most, so the
     kernel never drops.

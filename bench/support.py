@@ -31,11 +31,12 @@ def core_module(tag: str) -> ModuleType:
 
 
 def compiled_sender() -> Callable[..., int]:
-    """``send_heartbeats`` of the compiled core (sendmmsg), else of the pure one."""
+    """loadgen's compiled ``send_heartbeats`` (sendmmsg), else its pure twin."""
     try:
-        return core_module("c").send_heartbeats  # type: ignore[no-any-return]
+        module = importlib.import_module("circus_watchdog.loadgen._send_c")
     except ImportError:
-        return core_module("py").send_heartbeats  # type: ignore[no-any-return]
+        module = importlib.import_module("circus_watchdog.loadgen._send_py")
+    return module.send_heartbeats  # type: ignore[no-any-return]
 
 
 def cpu_times() -> tuple[float, float]:

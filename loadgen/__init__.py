@@ -1,12 +1,17 @@
 """loadgen: a UDP heartbeat flood generator for circus-watchdog.
 
-It sends ``PID;TIMESTAMP`` datagrams (the watchdog's heartbeat format) with the
-compiled core's ``sendmmsg`` sender, paced to a rate, from one or more worker
-processes, and reports what it sent.  It only sends to loopback (127.0.0.0/8,
-::1) unless ``--allow-remote`` is given, and every run is bounded by
-``--count`` and/or ``--duration`` (10 s when neither is given).
+Installed as ``circus_watchdog.loadgen`` from the repository's ``loadgen/``
+folder. It sends ``PID;TIMESTAMP`` datagrams (the watchdog's heartbeat format)
+with its own ``sendmmsg`` sender (``_send_c.pyx``, a pure twin in
+``_send_py.py``, chosen by ``_send.py`` as the core is), paced to a rate, from
+one or more worker processes, and reports what it sent.  It only sends to
+loopback (127.0.0.0/8, ::1) unless ``--allow-remote`` is given, and every run
+is bounded by ``--count`` and/or ``--duration`` (10 s when neither is given).
 
-Usage (``python -m loadgen`` from the repository root is the same command)::
+Modules: ``options`` (flags and checks), ``flood`` (payloads, the paced send
+loop, a worker process), ``workers`` (running them), ``report`` and ``cli``.
+
+Usage (``python -m circus_watchdog.loadgen`` is the same command)::
 
     # Flood a watchdog listening on 127.0.0.1:1664 at 100k datagrams/s for 10 s,
     # heartbeats of 1000 synthetic pids (1000..1999):

@@ -1,8 +1,9 @@
-"""Entry point of ``python -m loadgen`` and ``circus-watchdog-loadgen``."""
+"""Entry point of ``python -m circus_watchdog.loadgen`` and
+``circus-watchdog-loadgen``."""
 
 import sys
 
-from loadgen.cli import main
+from .cli import main
 
 __all__ = ["main"]
 

@@ -17,10 +17,11 @@ from multiprocessing.synchronize import Barrier as BarrierType
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
-from circus_watchdog.core import send_datagrams, send_heartbeats
 from circus_watchdog.pids import PID_MAX
 
-# One core call sends at most this many datagrams: the core splits them into
+from ._send import send_datagrams, send_heartbeats
+
+# One sender call sends at most this many datagrams: it splits them into
 # sendmmsg(2) batches of 64, and a short call keeps the count exact when a call
 # fails half-way (an OSError loses how many of that call went out).
 CALL_MAX = 256

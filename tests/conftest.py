@@ -1,10 +1,24 @@
-"""Shared fixtures: the C / pure-Python core facade (propcache style)."""
+"""Shared fixtures: the C / pure-Python core facade (propcache style), and the
+``circusd`` marker.
+
+``CIRCUS_WATCHDOG_TEST_SLACK`` (default 1) multiplies every wait bound of the
+shared helpers (`support.scaled`) and the per-test timeout of pytest.ini.
+
+A test is marked ``circusd`` when it takes a fixture that starts one (see
+`CIRCUSD_FIXTURES`; a fixture that takes one of those counts too) or, if it
+starts circusd some other way, by a marker line of its own. So
+``pytest -m "not circusd"`` runs the unit subset, and `_no_stray_circusd`
+fails any unmarked test that starts a circusd anyway, which keeps it so.
+"""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from types import ModuleType
@@ -12,6 +26,12 @@ from types import ModuleType
 import pytest
 
 C_EXT_MARK = pytest.mark.c_extension
+CIRCUSD_MARK = pytest.mark.circusd
+
+#: The fixtures of real-circusd tests (``circusd_factory`` starts circusd,
+#: ``standalone`` the daemon that watches one): a test that takes one, directly
+#: or through another fixture, is marked ``circusd``.
+CIRCUSD_FIXTURES = frozenset({"circusd_factory", "standalone"})
 
 
 @dataclass(frozen=True)
@@ -47,18 +67,105 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "c_extension: tests of the compiled core (--no-c-extensions skips)"
     )
-    config.addinivalue_line("markers", "circusd: starts a real circusd")
+    config.addinivalue_line(
+        "markers", "circusd: starts a real circusd (set from the fixtures it takes)"
+    )
 
 
 def pytest_collection_modifyitems(
     config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    if config.getoption("--c-extensions"):
-        return
     skip = pytest.mark.skip(reason="--no-c-extensions")
+    c_extensions = config.getoption("--c-extensions")
+    timeout = _per_test_timeout(config)
     for item in items:
-        if "c_extension" in item.keywords:
+        if CIRCUSD_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(CIRCUSD_MARK)
+        if not c_extensions and "c_extension" in item.keywords:
             item.add_marker(skip)
+        if timeout and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(timeout))
+
+
+def _per_test_timeout(config: pytest.Config) -> float:
+    """pytest-timeout's bound (--timeout, else pytest.ini) times the slack."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return 0.0
+    from support import scaled
+
+    option = config.getoption("timeout")
+    return scaled(float(config.getini("timeout") if option is None else option))
+
+
+def _children(pid: int) -> list[int]:
+    # /proc/PID/task/TID/children: a few reads, where psutil's children() reads
+    # the stat file of every process on the host.
+    pids: list[int] = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(task) as children:
+                pids += map(int, children.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def _circusd_descendants() -> dict[int, str]:
+    """pid -> command line of each circusd this process started (or its
+    children did)."""
+    found = {}
+    pids = _children(os.getpid())
+    for _ in range(1000):  # a bound: far more descendants than any test has
+        if not pids:
+            break
+        pid = pids.pop()
+        pids += _children(pid)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as raw:
+                cmdline = raw.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "circus.circusd" in cmdline or any(
+            os.path.basename(arg) == "circusd" for arg in cmdline[:2]
+        ):
+            found[pid] = " ".join(cmdline).strip()
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_circusd(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test not marked ``circusd`` that starts a circusd (checked five
+    times a second while it runs: circusd takes longer than that to start).
+    One already running (a module's fixture) is not this test's."""
+    if request.node.get_closest_marker("circusd") is not None:
+        yield
+        return
+    before = _circusd_descendants()
+    seen: list[str] = []
+    done = threading.Event()
+
+    def new() -> list[str]:
+        return [
+            line for pid, line in _circusd_descendants().items() if pid not in before
+        ]
+
+    def watch() -> None:
+        # Bounded by the test: done is set when it ends.
+        while not seen and not done.wait(0.2):
+            seen.extend(new())
+
+    watcher = threading.Thread(target=watch, name="no-stray-circusd", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+    seen.extend(new())
+    assert not seen, (
+        f"this test started circusd ({seen[0]}) but is not marked circusd: "
+        "take the circusd_factory fixture or add @pytest.mark.circusd"
+    )
 
 
 @pytest.fixture(
@@ -105,7 +212,7 @@ def loop_factory(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def
 @pytest.fixture
 def circusd_factory(tmp_path):  # type: ignore[no-untyped-def]
     """``start(sections, **kw) -> Circusd``; every circusd is stopped at teardown."""
-    from circus_watchdog.harness import circusd_pool
+    from support import circusd_pool
 
     with circusd_pool(tmp_path) as start:
         yield start
@@ -125,7 +232,7 @@ def core_tag(core_module: CoreModule, monkeypatch: pytest.MonkeyPatch) -> str:
 def standalone(tmp_path):  # type: ignore[no-untyped-def]
     """``start(circusd, *flags, core=TAG) -> Standalone``: a running
     ``circus-watchdog``, killed at teardown if still up."""
-    from circus_watchdog.harness import standalone_pool
+    from support import standalone_pool
 
     with standalone_pool(tmp_path) as start:
         yield start

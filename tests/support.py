@@ -1,6 +1,6 @@
-"""Test-only helpers; what tests share with the benchmarks and the demo
-(circusd start-up, free ports, the standalone command, /status and /metrics
-readers) lives in circus_watchdog.harness and is re-exported here.
+"""What tests import, from this one module: the test-only helpers below and,
+re-exported, what tests share with the benchmarks (tests/harness.py: circusd
+start-up, free ports, the standalone command, /status and /metrics readers).
 
 Take the ``circusd_factory`` fixture (tests/conftest.py), which stops every
 circusd it started, and everything they started, when the test ends::
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from circus_watchdog.harness import (
+from harness import (
     CONFLICT,
     SLEEPER,
     STANDALONE_EXIT_BOUND,
@@ -50,6 +50,7 @@ from circus_watchdog.harness import (
     kills,
     metric,
     parse_metrics,
+    scaled,
     standalone_pool,
     start_circusd,
     wait_for,
@@ -80,6 +81,7 @@ __all__ = [
     "parse_metrics",
     "process_gone",
     "run",
+    "scaled",
     "standalone_pool",
     "start_circusd",
     "use_core",
@@ -97,10 +99,11 @@ def run(
     main: Awaitable[T],
     timeout: float = 30.0,
 ) -> T:
-    """Run ``main`` on a fresh loop from ``loop_factory``, bounded by ``timeout``."""
+    """Run ``main`` on a fresh loop from ``loop_factory``, bounded by
+    ``scaled(timeout)``."""
     loop = loop_factory()
     try:
-        return loop.run_until_complete(asyncio.wait_for(main, timeout))
+        return loop.run_until_complete(asyncio.wait_for(main, scaled(timeout)))
     finally:
         try:
             loop.run_until_complete(_cancel_leftovers())
@@ -213,13 +216,14 @@ def check_kill_latency(
     after ``since``, a time.time() by which the watchdog monitored it, should
     it have hung before the watchdog knew it), with ``slack`` for the kill
     round trip, circusd's bookkeeping and this polling (keep it under
-    loop_rate: the original plugin kills up to one loop_rate late).
+    loop_rate: the original plugin kills up to one loop_rate late; `scaled`
+    stretches it on a slow machine).
 
     Returns the time from the last heartbeat to the pid's disappearance."""
     gone_at = wait_gone(circusd, watcher, pid, timeout=10 + timeout)
     last_beat = wait_for(lambda: hang_times(hangs).get(pid), timeout=1)
     assert gone_at - last_beat >= timeout - 0.05, gone_at - last_beat
-    assert gone_at - max(last_beat, since) <= timeout + tick + slack, (
+    assert gone_at - max(last_beat, since) <= timeout + tick + scaled(slack), (
         gone_at - last_beat,
         gone_at - since,
     )

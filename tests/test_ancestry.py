@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from circus_watchdog.ancestry import monitored_ancestor, parent_pid
+from circus_watchdog.ancestry import monitored_ancestor
+from circus_watchdog.procfs import parent_pid
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/stat"), reason="needs Linux /proc"
@@ -75,7 +76,7 @@ def test_gone_and_bad_pids_are_none() -> None:
     if not os.path.exists(f"/proc/{gone.pid}"):
         assert monitored_ancestor(gone.pid, lambda pid: True) == 0
     for bad in (0, -1, 2**31, 2**64):
-        assert parent_pid(bad) == 0
+        assert parent_pid(bad) is None
         assert monitored_ancestor(bad, lambda pid: True) == 0
 
 

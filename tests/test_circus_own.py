@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from circus_watchdog.harness import (
+from support import (
     Circusd,
     Standalone,
     free_ports,
@@ -17,10 +17,9 @@ from circus_watchdog.harness import (
     kills,
     metric,
     wait_for,
+    wait_pids,
+    worker_cmd,
 )
-from support import wait_pids, worker_cmd
-
-pytestmark = pytest.mark.circusd
 
 LOOP_RATE, MAX_COUNT = 0.5, 2
 TIMEOUT = LOOP_RATE * MAX_COUNT

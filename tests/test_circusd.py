@@ -26,8 +26,6 @@ from circus_watchdog.circusd import (
 )
 from support import CONFLICT, SLEEPER, Circusd, circusd_pool, free_port, run
 
-pytestmark = pytest.mark.circusd
-
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 # Names the way circus publishes them: lower-cased (the ini says "Web.Api").
@@ -157,6 +155,7 @@ def test_errors() -> None:
 # CommandClient
 
 
+@pytest.mark.circusd  # the module's circusd fixture starts one
 def test_list(loop_factory: LoopFactory, circusd: Circusd) -> None:
     async def main() -> None:
         client = CommandClient(circusd.endpoint)
@@ -174,6 +173,7 @@ def test_list(loop_factory: LoopFactory, circusd: Circusd) -> None:
     run(loop_factory, main())
 
 
+@pytest.mark.circusd  # the module's circusd fixture starts one
 def test_errors_carry_reason(loop_factory: LoopFactory, circusd: Circusd) -> None:
     async def main() -> None:
         client = CommandClient(circusd.endpoint)
@@ -194,6 +194,7 @@ def test_errors_carry_reason(loop_factory: LoopFactory, circusd: Circusd) -> Non
     run(loop_factory, main())
 
 
+@pytest.mark.circusd  # the module's circusd fixture starts one
 def test_late_reply_is_dropped(loop_factory: LoopFactory, circusd: Circusd) -> None:
     async def main() -> None:
         client = CommandClient(circusd.endpoint)
@@ -233,6 +234,7 @@ def test_nothing_listening(loop_factory: LoopFactory) -> None:
 # EventSubscriber
 
 
+@pytest.mark.circusd  # the module's circusd fixture starts one
 def test_incr_spawns(loop_factory: LoopFactory, circusd: Circusd) -> None:
     async def main() -> None:
         client, sub = await clients(circusd)
@@ -253,6 +255,7 @@ def test_incr_spawns(loop_factory: LoopFactory, circusd: Circusd) -> None:
     run(loop_factory, main())
 
 
+@pytest.mark.circusd  # the module's circusd fixture starts one
 def test_death_reaps(loop_factory: LoopFactory, circusd: Circusd) -> None:
     async def main() -> None:
         client, sub = await clients(circusd)
@@ -272,6 +275,7 @@ def test_death_reaps(loop_factory: LoopFactory, circusd: Circusd) -> None:
     run(loop_factory, main())
 
 
+@pytest.mark.circusd  # the module's circusd fixture starts one
 def test_kill_and_decr(loop_factory: LoopFactory, circusd: Circusd) -> None:
     # circusd polls (and so reaps) the processes it kills itself: these give
     # a "kill" event and no "reap".

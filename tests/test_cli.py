@@ -128,7 +128,63 @@ def test_port_taken_exits_1_naming_it(core_tag: str) -> None:
         # circusd need not be up: the socket is bound first.
         out = run_command("--port", str(port), "--endpoint", "tcp://127.0.0.1:1")
     assert out.returncode == 1
-    assert f"ip 127.0.0.1 port {port}" in one_line_error(out)
+    # One line, as in plugin mode: no "[Errno 98]" in front.
+    assert one_line_error(out) == (
+        f"cannot bind the heartbeat socket to ip 127.0.0.1 port {port}: "
+        "Address already in use"
+    )
+
+
+def test_metrics_host_not_on_this_host_is_named(core_tag: str) -> None:
+    out = run_command(
+        *("--metrics-host", "192.0.2.1", "--metrics-port", "9"),  # TEST-NET-1
+        *("--port", str(free_udp_port()), "--check"),
+    )
+    assert out.returncode == 1
+    assert one_line_error(out) == (
+        "metrics_host: cannot listen on 192.0.2.1:9: Cannot assign requested address"
+    )
+
+
+def test_check_binds_and_releases(tmp_path: Path) -> None:
+    """--check binds what the daemon would, says which one fails, holds none."""
+    sock = tmp_path / "wd.sock"
+    udp = free_udp_port()
+    flags = ("--check", "--port", str(udp), "--unix-socket", str(sock))
+    out = run_command(*flags)
+    assert out.returncode == 0, out.stderr
+    assert "ports free" in out.stdout
+    assert not sock.exists()  # released, file and all
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", udp))  # would fail if --check still held it
+    sock.write_text("a file, not a socket")
+    out = run_command(*flags)
+    assert out.returncode == 1
+    assert one_line_error(out) == (
+        f"cannot bind unix_socket {sock}: Address already in use"
+    )
+
+
+def test_ini_warnings_logged_in_log_format(tmp_path: Path) -> None:
+    """Standalone, a warning about the circus.ini goes to log_output in the log's
+    line format, once logging is set up; not to stderr as a bare WARNING."""
+    ini = tmp_path / "circus.ini"
+    ini.write_text(
+        "[plugin:watchdog]\nuse = circus_watchdog.plugin.WatchDog\nloop_rat = 5\n"
+        f"port = {free_udp_port()}\n"
+    )
+    log = tmp_path / "wd.log"
+    out = run_command("--check", "--circus-ini", str(ini), "--log-output", str(log))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    lines = log.read_text().splitlines()
+    (line,) = [line for line in lines if "rcvbuf:" not in line]  # not the host's
+    assert re.fullmatch(
+        r"\S+ \S+ circus\.watchdog\[\d+\] \[WARNING\] ignoring unknown option\(s\) "
+        rf"in \[plugin:watchdog\] of {re.escape(str(ini))}: "
+        r"'loop_rat' \(did you mean 'loop_rate'\?\)",
+        line,
+    ), line
 
 
 def test_metrics_port_taken_exits_1_naming_it(core_tag: str, tmp_path: Path) -> None:
@@ -152,7 +208,6 @@ def test_metrics_port_taken_exits_1_naming_it(core_tag: str, tmp_path: Path) -> 
 # -- beside a real circusd --------------------------------------------------
 
 
-@pytest.mark.circusd
 def test_kills_hung_keeps_the_rest_and_follows_incr_decr(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],
@@ -221,7 +276,6 @@ numprocesses = 1
     assert "watchdog stopped" in watchdog.tail()
 
 
-@pytest.mark.circusd
 def test_circusd_restart(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],
@@ -274,7 +328,6 @@ numprocesses = 1
     assert "watchdog stopped" in watchdog.tail()
 
 
-@pytest.mark.circusd
 def test_stall_guard(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],
@@ -320,7 +373,6 @@ numprocesses = 3
     assert set(watchdog.monitored()) == set(web)
 
 
-@pytest.mark.circusd
 def test_dry_run_kills_nothing(
     circusd_factory: Start,
     standalone: Callable[..., Standalone],

@@ -6,7 +6,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import logging
 import re
 import shlex
 import signal
@@ -20,16 +19,16 @@ from circus.plugins import _str2cfg, get_plugin_cmd
 from circus.plugins.watchdog import WatchDog
 from circus.watcher import Watcher
 
-from circus_watchdog import circus_ini
+import circus_watchdog
+from circus_watchdog import circus_ini, values
 from circus_watchdog import config as config_module
-from circus_watchdog.circus_ini import config_from_args, read_circus_ini
+from circus_watchdog.circus_ini import plugin_options, read_circus_ini
+from circus_watchdog.cli import add_arguments, config_from_args, ini_from_args
 from circus_watchdog.config import DEFAULT_MSG_REGEX, Config, ConfigError
 
 NAMES = [f.name for f in dataclasses.fields(Config)]
 ENDPOINTS = {"endpoint", "pubsub_endpoint"}
 BOOLEANS = {"dry_run", "storm_guard", "include_circus"}
-LOGGER = "circus_watchdog.config"
-INI_LOGGER = "circus_watchdog.circus_ini"
 
 
 def flag(name: str) -> str:
@@ -38,8 +37,9 @@ def flag(name: str) -> str:
 
 def parse_cli(*argv: str) -> Config:
     parser = argparse.ArgumentParser()
-    circus_ini.add_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    return config_from_args(ns, ini_from_args(ns))
 
 
 def original(options: dict[str, str]) -> dict[str, Any]:
@@ -64,6 +64,7 @@ def ours(options: dict[str, str]) -> dict[str, Any]:
     cfg = Config.from_options(options)
     values = {key: getattr(cfg, key) for key in original({})}
     values["watchers_regex"] = cfg.watchers_regex.pattern
+    values["msg_regex"] = cfg.msg_regex.pattern
     return values
 
 
@@ -94,7 +95,7 @@ def test_defaults() -> None:
     cfg = Config.from_options({})
     assert cfg == parse_cli()
     assert (cfg.loop_rate, cfg.max_count, cfg.timeout) == (60.0, 3, 180.0)
-    assert cfg.msg_regex == DEFAULT_MSG_REGEX
+    assert cfg.msg_regex.pattern == DEFAULT_MSG_REGEX
     assert cfg.msg_pattern is None
     assert cfg.watchers_regex.pattern == ".*"
     assert (cfg.endpoint, cfg.pubsub_endpoint) == (
@@ -111,8 +112,8 @@ def test_defaults() -> None:
 
 def test_custom_msg_regex_is_compiled() -> None:
     cfg = Config.from_options({"msg_regex": r"^(?P<pid>\d+)$"})
-    assert cfg.msg_pattern == re.compile(r"^(?P<pid>\d+)$")
-    assert cfg.msg_pattern is cfg.msg_pattern  # compiled once, then cached
+    assert cfg.msg_regex == re.compile(r"^(?P<pid>\d+)$")  # stored compiled
+    assert cfg.msg_pattern is cfg.msg_regex  # the one compiled pattern
 
 
 def test_max_age_needs_a_timestamp_group() -> None:
@@ -256,25 +257,30 @@ def test_bad_value(name: str, value: str) -> None:
             parse_cli(flag(name), value)
 
 
-def test_unknown_keys_warn(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        cfg = Config.from_options({"loop_rat": "1", "loop_rate": "5", "zzz": "1"})
-    assert cfg.loop_rate == 5.0
-    (record,) = caplog.records
-    assert "'loop_rat' (did you mean 'loop_rate'?)" in record.getMessage()
-    assert "'zzz'" in record.getMessage()
+def test_unknown_keys_warn() -> None:
+    received = {"loop_rat": "1", "loop_rate": "5", "zzz": "1"}
+    options, warnings = plugin_options(received, "[plugin:wd]")
+    assert options == {"loop_rate": "5"}
+    (warning,) = warnings
+    assert warning.startswith("ignoring unknown option(s) in [plugin:wd]: ")
+    assert "'loop_rat' (did you mean 'loop_rate'?)" in warning
+    assert "'zzz'" in warning
 
 
-def test_endpoints_are_not_plugin_options(caplog: pytest.LogCaptureFixture) -> None:
+def test_from_options_refuses_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match=r"'loop_rat' \(did you mean 'loop_rate'"):
+        Config.from_options({"loop_rat": "1"})
+
+
+def test_endpoints_are_not_plugin_options() -> None:
     # circus hands a plugin its endpoints as arguments, never as options.
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        cfg = Config.from_options({"endpoint": "tcp://127.0.0.1:1"})
-    assert cfg.endpoint == "tcp://127.0.0.1:5555"
-    assert "'endpoint'" in caplog.text
+    options, warnings = plugin_options({"endpoint": "tcp://127.0.0.1:1"}, "[p]")
+    assert options == {}
+    assert "'endpoint'" in warnings[0]
 
 
-def test_circus_keys_are_silent(caplog: pytest.LogCaptureFixture) -> None:
-    options = {
+def test_circus_keys_are_silent() -> None:
+    received = {
         "use": "circus_watchdog.plugin.WatchDog",
         "name": "plugin:watchdog",
         "__name__": "plugin:watchdog",
@@ -284,14 +290,22 @@ def test_circus_keys_are_silent(caplog: pytest.LogCaptureFixture) -> None:
         "stdout_stream.class": "StdoutStream",
         "rlimit_nofile": "4096",
     }
-    with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        assert Config.from_options(options) == Config.from_options({})
-    assert not caplog.records
+    assert plugin_options(received, "[p]") == ({}, [])
+
+
+def test_empty_value_one_warning() -> None:
+    # What circus's _str2cfg makes of "loop_rate =" before "max_count = 5".
+    options, warnings = plugin_options({"": "max_count:5"}, "[plugin:wd]")
+    assert options == {}
+    assert warnings == [
+        "an empty option in [plugin:wd] made circus drop the option after it "
+        "(max_count): delete empty options"
+    ]
 
 
 def test_circus_keys_cover_watcher_arguments() -> None:
     params = set(inspect.signature(Watcher.__init__).parameters) - {"self", "options"}
-    assert params <= config_module._CIRCUS_KEYS
+    assert params <= circus_ini.CIRCUS_KEYS
 
 
 def test_tick() -> None:
@@ -346,7 +360,7 @@ def test_log_level_is_case_insensitive() -> None:
 
 def test_every_flag_has_help_with_default() -> None:
     parser = argparse.ArgumentParser()
-    circus_ini.add_arguments(parser)
+    add_arguments(parser)
     actions = {a.dest: a for a in parser._actions}
     for name in NAMES:
         assert flag(name) in actions[name].option_strings
@@ -410,7 +424,12 @@ def test_ini_matches_what_circus_passes(tmp_path: Path) -> None:
     path = write_ini(tmp_path, INI)
     passed = what_circus_passes(path)
     ini = read_circus_ini(path)
-    assert ini._asdict() == {**passed, "source": f"[plugin:watchdog] of {path}"}
+    assert ini._asdict() == {
+        **passed,
+        "options": plugin_options(passed["options"], "")[0],
+        "source": f"[plugin:watchdog] of {path}",
+        "warnings": (),
+    }
     assert ini.options["watchers_regex"] == "^(web|api)$"  # quotes gone
     assert ini.options["msg_regex"] == PLAIN_OPTIONS["msg_regex"]  # "\d" kept
 
@@ -421,16 +440,14 @@ def test_ini_matches_what_circus_passes(tmp_path: Path) -> None:
         pubsub_endpoint="tcp://127.0.0.1:6556",
     )
     assert from_ini == Config.from_options(
-        passed["options"],
+        plugin_options(passed["options"], "")[0],
         endpoint=passed["endpoint"],
         pubsub_endpoint=passed["pubsub_endpoint"],
     )
     assert ours(ini.options) == original(ini.options)
 
 
-def test_ini_unquoted_backslash(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_ini_unquoted_backslash(tmp_path: Path) -> None:
     path = write_ini(
         tmp_path,
         r"""
@@ -439,18 +456,16 @@ def test_ini_unquoted_backslash(
         msg_regex = ^(?P<pid>\d+);(?P<timestamp>.*)$
         """,
     )
-    with caplog.at_level(logging.WARNING, logger=INI_LOGGER):
-        options = read_circus_ini(path).options
+    ini = read_circus_ini(path)
     # Faithful to circus, which hands the original plugin "d+", not "\d+".
-    assert options == what_circus_passes(path)["options"]
-    assert options["msg_regex"] == "^(?P<pid>d+);(?P<timestamp>.*)$"
-    assert "msg_regex" in caplog.text
-    assert "double-quote" in caplog.text
+    assert ini.options == plugin_options(what_circus_passes(path)["options"], "")[0]
+    assert ini.options["msg_regex"] == "^(?P<pid>d+);(?P<timestamp>.*)$"
+    (warning,) = ini.warnings
+    assert "msg_regex" in warning
+    assert "double-quote" in warning
 
 
-def test_ini_empty_value_swallows_next(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_ini_empty_value_swallows_next(tmp_path: Path) -> None:
     path = write_ini(
         tmp_path,
         """
@@ -460,11 +475,13 @@ def test_ini_empty_value_swallows_next(
         max_count = 5
         """,
     )
-    with caplog.at_level(logging.WARNING, logger=INI_LOGGER):
-        options = read_circus_ini(path).options
-    assert options == what_circus_passes(path)["options"]
-    assert "max_count" not in options
-    assert "loop_rate, max_count" in caplog.text
+    ini = read_circus_ini(path)
+    assert what_circus_passes(path)["options"][""] == "max_count:5"
+    assert ini.options == {}
+    assert ini.warnings == (  # one warning, not a second one for the key ''
+        f"an empty option in [plugin:watchdog] of {path} made circus drop the "
+        "option after it (max_count): delete empty options",
+    )
 
 
 def test_ini_unquoted_space_is_an_error(tmp_path: Path) -> None:
@@ -520,7 +537,8 @@ def test_missing_section(tmp_path: Path) -> None:
         parse_cli("--circus-ini", path, "--section", "plugin:nope")
     message = str(error.value)
     assert message.startswith("invalid --section: ")
-    assert "[plugin:other], [plugin:watchdog]" in message
+    # Every section the file has, as the docs say, not only plugin ones.
+    assert "(present: [circus], [plugin:watchdog], [plugin:other])" in message
     assert message.endswith("got 'plugin:nope'")
 
 
@@ -562,14 +580,11 @@ dry_run = yes
 """
 
 
-def test_any_section_is_read_as_written(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_any_section_is_read_as_written(tmp_path: Path) -> None:
     path = write_ini(tmp_path, WATCHDOG_SECTION)
-    with caplog.at_level(logging.WARNING):
-        ini = read_circus_ini(path, "watchdog")
-        cfg = parse_cli("--circus-ini", path, "--section", "watchdog")
-    assert not caplog.records  # nothing lost in transit, no unknown keys
+    ini = read_circus_ini(path, "watchdog")
+    cfg = parse_cli("--circus-ini", path, "--section", "watchdog")
+    assert ini.warnings == ()  # nothing lost in transit, no unknown keys
     # Enclosing quotes removed as in a plugin section, but no command line in
     # between: an unquoted backslash is kept, [env] is substituted.
     assert ini.options == {
@@ -602,11 +617,84 @@ def test_plain_section_errors_name_the_option(tmp_path: Path) -> None:
 
 
 def test_config_module_does_not_read_circus_ini() -> None:
-    # Only circus_ini.py imports circus's reader and its private helpers.
+    # Only circus_ini.py imports circus's reader and its private helpers; the
+    # option table needs nothing from circus but what its parsers do.
     tree = ast.parse(Path(config_module.__file__).read_text())
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported.isdisjoint({"circus.config", "circus.plugins"})
-    assert imported >= {"circus.util"}  # the check sees the imports
+    imported = {
+        (n.level, n.module, *(a.name for a in n.names))
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+    }
+    assert not any(module and module.startswith("circus") for _, module, *_ in imported)
+    assert (1, None, "values") in imported  # the check sees the imports
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package, and the package modules it imports (even
+    under TYPE_CHECKING or inside a function)."""
+    src = Path(circus_watchdog.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in src.glob("*.py"):
+        edges = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    edges.add(node.module.split(".")[0])
+                else:
+                    edges.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [a.name for a in getattr(node, "names", [])]
+                for name in names:
+                    if name.startswith("circus_watchdog."):
+                        edges.add(name.split(".")[1])
+    return graph
+
+
+def test_no_import_cycle() -> None:
+    graph = _package_imports()
+    assert {"config", "values", "circus_ini", "cli"} <= set(graph)
+    assert graph["config"] == {"values"}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, " -> ".join((*path, module))
+        if module in done:
+            return
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
+
+
+def test_seconds() -> None:
+    assert values.seconds("2.5") == 2.5
+    for bad in ("0", "-1", "nan", "inf", "soon", ""):
+        with pytest.raises(ValueError, match=r"^a number of seconds > 0$"):
+            values.seconds(bad)
+
+
+def test_help_reads_in_option_table_order() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    titles = [g.title for g in parser._action_groups][2:]  # after argparse's own
+    flags = [a.dest for g in parser._action_groups[2:] for a in g._group_actions]
+    assert flags == [*NAMES, "circus_ini", "section"]
+    assert titles == [o.group for o in config_module.OPTIONS.values() if o.group] + [
+        "circus.ini"
+    ]
+
+
+@pytest.mark.parametrize("section", ["watcher:web", "circus", "env", "socket:s"])
+def test_sections_circus_reads_are_refused(tmp_path: Path, section: str) -> None:
+    path = write_ini(tmp_path, "[watcher:web]\ncmd = sleep 1\n[socket:s]\n")
+    with pytest.raises(ConfigError) as error:
+        parse_cli("--circus-ini", path, "--section", section)
+    message = str(error.value)
+    assert message.startswith("invalid --section: expected a [plugin:NAME] section")
+    assert message.endswith(f"got {section!r}")
 
 
 def test_ip_accepts_a_host_name_like_the_original() -> None:
@@ -651,9 +739,22 @@ def test_doc_option_table_lists_every_option() -> None:
     rows = re.findall(r"^\| (.+?) \| `(--[\w-]+)`[^|]* \| (.+?) \|", table, re.M)
     by_flag = {row_flag: (name, default) for name, row_flag, default in rows}
     assert len(by_flag) == len(rows) == len(NAMES)
+    assert list(by_flag) == [flag(name) for name in NAMES]  # --help's order
     for name in NAMES:
-        option = config_module._OPTIONS[name]
+        option = config_module.OPTIONS[name]
         row_name, default = by_flag[flag(name)]
         assert row_name == ("(circus passes it)" if name in ENDPOINTS else f"`{name}`")
         if option.default and not option.shown_default:
             assert default == f"`{option.default}`", name
+
+
+def test_plugin_docstring_lists_every_option_with_its_default() -> None:
+    from circus_watchdog.plugin import WatchDog as Ours  # noqa: PLC0415
+
+    doc = " ".join((Ours.__doc__ or "").split())  # one line: wrapped items join
+    listed = dict(re.findall(r"- \*\*(\w+)\*\* -- .*?\(default: (.+?)\)(?= -|$)", doc))
+    plugin = {n: o for n, o in config_module.OPTIONS.items() if o.plugin}
+    assert sorted(listed) == sorted(plugin)  # every option, once
+    for name, option in plugin.items():
+        shown = option.shown_default or f"``{option.default}``"
+        assert listed[name] == shown, name

@@ -6,17 +6,27 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from circus.config import get_config
 
-from circus_watchdog.demo import fetch_status, render, summary
+from circus_watchdog.demo import (
+    KILL_TIMEOUT,
+    QUIT_TIMEOUT,
+    fetch_status,
+    render,
+    summary,
+    write_ini,
+)
 from circus_watchdog.metrics import Metrics, Readings, make_registry, serve_http
 from support import NO_EXTENSIONS, command, process_gone, wait_for
 
@@ -32,7 +42,8 @@ def status(**changes: Any) -> dict[str, Any]:
         "kills": {"flaky": 9},
         "pids": [
             {"pid": 12, "watcher": "steady", "age": 0.2},
-            {"pid": 11, "watcher": "flaky", "age": 2.5},
+            {"pid": 11, "watcher": "flaky", "age": 3.4},
+            {"pid": 10, "watcher": "flaky", "age": 2.5},
         ],
         "killing": [13],
         "heartbeats": 1234,
@@ -53,7 +64,9 @@ def test_screen_shows_kills_per_watcher() -> None:
     rows = [line.split() for line in screen[6:]]
     assert rows == [
         ["watcher", "pid", "last", "heartbeat"],
-        ["flaky", "11", "2.5s", "silent"],
+        # Marked once late, with how late against the timeout; not before.
+        ["flaky", "10", "2.5s"],
+        ["flaky", "11", "3.4s", "late", "by", "0.4s", "(timeout", "3s)"],
         ["steady", "12", "0.2s"],
         ["(killing)", "13"],
         ["unmonitored", "30", "31", "(not", "matched:", "never", "killed)"],
@@ -113,6 +126,13 @@ def test_status_is_read_without_a_proxy(
         finally:
             loop.close()
     assert got == [status()]
+
+
+def test_ini_starts_no_circusd_stats(tmp_path: Path) -> None:
+    """circus 0.19 starts circusd-stats whenever stats_endpoint is set, even
+    with statsd = False: the demo's circus.ini, read by circus, does not."""
+    ini, _, _ = write_ini(tmp_path)
+    assert get_config(str(ini))["statsd"] is False
 
 
 # -- a real run -------------------------------------------------------------
@@ -228,3 +248,57 @@ def test_demo(request: pytest.FixtureRequest) -> None:
         assert folder, text
         assert not os.path.exists(folder[1])
     assert not leftovers
+
+
+@pytest.mark.circusd
+def test_demo_ends_a_wedged_circusd() -> None:
+    """circusd stops answering (SIGSTOP) while the plugin's kill of a hung
+    worker is in flight; Ctrl-C ends the demo: ``quit`` gets no answer, so the
+    demo SIGKILLs circusd's process group and every process circusd started,
+    and none survives."""
+    proc = subprocess.Popen(
+        [*command(), "demo", "--duration", "120", "--plain"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    out = proc.stdout
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(line.decode(errors="replace") for line in out),
+        daemon=True,
+    )
+    reader.start()
+    seen: list[psutil.Process] = []
+    try:
+
+        def up() -> tuple[int, int] | None:
+            text = "".join(lines)
+            pid = re.search(r"^circusd started \(pid (\d+)\)", text, re.MULTILINE)
+            port = re.search(r"metrics http://127\.0\.0\.1:(\d+)/metrics", text)
+            return (int(pid[1]), int(port[1])) if pid and port else None
+
+        circusd_pid, port = wait_for(up, 60)
+        circusd = psutil.Process(circusd_pid)
+        # circusd, the plugin, 3 steady, 3 flaky and 2 unmonitored workers.
+        wait_for(lambda: len(circusd.children(recursive=True)) >= 9, 20)
+        seen = [circusd, *circusd.children(recursive=True)]
+        circusd.suspend()
+        # A flaky worker hangs within 8 s and is due 3 s later: the plugin's
+        # kill then waits on the stopped circusd.
+        assert wait_for(lambda: (fetch_status(port) or {}).get("killing"), 30)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(2 * QUIT_TIMEOUT + 2 * KILL_TIMEOUT + 10)
+        reader.join(5)
+        assert "circusd did not quit within" in "".join(lines), lines
+        wait_for(lambda: all(process_gone(p.pid) for p in seen), EXIT_BOUND)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+        out.close()
+        for p in seen:
+            if not process_gone(p.pid):
+                p.kill()

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -101,9 +102,27 @@ def test_systemd_unit_commands(tmp_path: Path) -> None:
     checked = run(local(pre))
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == (
-        f"circus-watchdog: configuration OK ([watchdog] of {path}); "
-        f"circusd at tcp://127.0.0.1:{ctl}\n"
+        f"circus-watchdog: configuration OK ([watchdog] of {path}); ports free; "
+        f"circusd at tcp://127.0.0.1:{ctl} (not contacted)\n"
     )
+    # A port taken fails the check, so ExecStartPre stops a restart loop.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", udp))
+        busy = run(local(pre))
+    assert busy.returncode == 1
+    assert busy.stderr == (
+        f"circus-watchdog: error: cannot bind the heartbeat socket to ip 127.0.0.1 "
+        f"port {udp}: Address already in use\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics))
+        taken.listen()
+        busy = run(local(pre))
+    assert busy.returncode == 1
+    assert busy.stderr.startswith(
+        f"circus-watchdog: error: metrics_port: cannot listen on 127.0.0.1:{metrics}"
+    )
+    assert run(local(pre)).returncode == 0  # released: the check holds nothing
     path.write_text(set_value(ini, "max_count", 0))
     refused = run(local(pre))
     assert refused.returncode == 2
@@ -245,7 +264,6 @@ def check_alert_metrics(metrics_port: int) -> None:
 # -- the standalone daemon as a circus watcher ----------------------------------
 
 
-@pytest.mark.circusd
 def test_as_circus_watcher(
     circusd_factory: Callable[..., Circusd], tmp_path: Path, core_tag: str
 ) -> None:
@@ -351,10 +369,10 @@ def test_migration_plugin_section(tmp_path: Path) -> None:
     assert ini.options["watchers_regex"] == "^(web|worker)$"
 
     def config(*argv: str) -> Config:
-        from circus_watchdog.circus_ini import config_from_args
-        from circus_watchdog.cli import build_parser
+        from circus_watchdog.cli import build_parser, config_from_args, ini_from_args
 
-        return config_from_args(build_parser().parse_args(list(argv)))
+        ns = build_parser().parse_args(list(argv))
+        return config_from_args(ns, ini_from_args(ns))
 
     renamed = migrated_ini(tmp_path, rename=True)
     from_plugin = config("--circus-ini", str(path))

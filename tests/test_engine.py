@@ -20,6 +20,7 @@ import uvloop
 
 from circus_watchdog import engine
 from circus_watchdog.config import Config
+from circus_watchdog.loadgen._send import send_heartbeats
 from support import (
     Circusd,
     fetch_metrics,
@@ -32,8 +33,6 @@ from support import (
     wait_pids,
     worker_cmd,
 )
-
-pytestmark = pytest.mark.circusd
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Start = Callable[..., Circusd]
@@ -324,9 +323,7 @@ class Relay:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             while not self._done.is_set():
                 if self._sending.is_set():
-                    self._core.send_heartbeats(
-                        sock, self._address, self._pids, time.time()
-                    )
+                    send_heartbeats(sock, self._address, self._pids, time.time())
                 self._done.wait(0.1)
 
     def __enter__(self) -> Relay:

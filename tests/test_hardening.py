@@ -1,4 +1,4 @@
-"""Fault tests of the guards (issue 5), on a real circusd with real processes:
+"""Fault tests of the guards, on a real circusd with real processes:
 authenticated heartbeats over the Unix socket, a flood of forged pids, stale
 timestamps, escalation, grace and per-watcher timeouts.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-import loadgen.__main__ as loadgen
+import circus_watchdog.loadgen.__main__ as loadgen
 from support import (
     SLEEPER,
     Circusd,

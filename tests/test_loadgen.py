@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -12,15 +13,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-from circus_watchdog.core import parse_heartbeat
-from loadgen import flood
-from loadgen.cli import main, resolve_target
+from circus_watchdog.core import HeartbeatTable, parse_heartbeat
+from circus_watchdog.loadgen import flood
+from circus_watchdog.loadgen.cli import main
+from circus_watchdog.loadgen.options import resolve_target
 
-ROOT = Path(__file__).resolve().parent.parent
 RCVBUF = 8 * 1024 * 1024  # bytes asked; the kernel caps it at rmem_max
 RECV_LIMIT = 120.0  # seconds a receiver thread may run, whatever happens
 
@@ -163,7 +165,9 @@ def test_workers_split_count_exactly(
 def test_worker_that_cannot_open_its_socket_fails_the_start() -> None:
     # An IPv6 address on an IPv4 socket: connect() fails in every worker, the
     # start barrier breaks, and the run ends at once with the worker's error.
-    from loadgen.cli import Progress, RunError, run_processes
+    from circus_watchdog.loadgen.options import RunError
+    from circus_watchdog.loadgen.report import Progress
+    from circus_watchdog.loadgen.workers import run_processes
 
     plan = flood.Plan(
         index=0,
@@ -379,11 +383,18 @@ def test_help_gives_units(capsys: pytest.CaptureFixture[str]) -> None:
         assert unit in out
 
 
-def test_python_dash_m_from_repo_root(receiver: Receiver) -> None:
+@pytest.mark.parametrize("how", ["python -m", "script"])
+def test_installed_command(receiver: Receiver, tmp_path: Path, how: str) -> None:
+    """``python -m circus_watchdog.loadgen`` and the ``circus-watchdog-loadgen``
+    script, run away from the repository: the installed package."""
+    if how == "script":
+        cmd = [str(Path(sys.executable).with_name("circus-watchdog-loadgen"))]
+    else:
+        cmd = [sys.executable, "-m", "circus_watchdog.loadgen"]
     proc = subprocess.run(
-        [sys.executable, "-m", "loadgen", "--target", receiver.target,
+        [*cmd, "--target", receiver.target,
          "--count", "1000", "--rate", "10000", "--json"],
-        cwd=ROOT,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
@@ -395,7 +406,6 @@ def test_python_dash_m_from_repo_root(receiver: Receiver) -> None:
     assert receiver.settle(1000) == 1000
 
 
-@pytest.mark.circusd
 def test_endpoint_reads_pids_from_circusd(
     circusd_factory: Callable[..., Any],
     receiver: Receiver,
@@ -442,3 +452,82 @@ def test_endpoint_without_circusd(
     err = capsys.readouterr().err
     assert endpoint in err and "list" in err
     assert receiver.settle() == 0
+
+
+# -- the sender twins (sendmmsg compiled, a send loop in pure Python) ---------
+
+
+@pytest.fixture(
+    params=[pytest.param("c", marks=pytest.mark.c_extension), "py"],
+    ids=lambda tag: f"send_{tag}",
+)
+def sender(request: pytest.FixtureRequest) -> ModuleType:
+    """Each twin of loadgen's sender in turn."""
+    return importlib.import_module(f"circus_watchdog.loadgen._send_{request.param}")
+
+
+def test_send_heartbeats(sender: ModuleType) -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        rx.bind(("127.0.0.1", 0))
+        addr = rx.getsockname()
+        assert sender.send_heartbeats(tx, addr, [1, 22, 2**31 - 1], 1764310000.5) == 3
+        rx.settimeout(2)
+        got = [rx.recv(2048) for _ in range(3)]
+        assert got == [
+            b"1;1764310000.500",
+            b"22;1764310000.500",
+            b"2147483647;1764310000.500",
+        ]
+        assert sender.send_datagrams(tx, addr, [b"a", b"", bytearray(b"ccc")]) == 3
+        assert [rx.recv(2048) for _ in range(3)] == [b"a", b"", b"ccc"]
+        rx.settimeout(None)  # drain wants no timeout: the pure core would wait
+        tx.connect(addr)
+        assert sender.send_heartbeats(tx, None, list(range(1, 201))) == 200
+        table = HeartbeatTable(3.0, 0.1)
+        table.add(200, "w", 0.0)
+        assert table.drain(rx, 1.0, 1000) == (200, 1, 199, 0, 0)
+
+
+def test_send_ipv6_loopback(sender: ModuleType) -> None:
+    # ::1 is part of every Linux loopback (and CI's): no skip, a failure is real.
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    rx.bind(("::1", 0))
+    with rx, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as tx:
+        port = rx.getsockname()[1]
+        assert sender.send_heartbeats(tx, ("::1", port), [42]) == 1
+        rx.settimeout(2)
+        assert rx.recv(100) == b"42;0.000"
+
+
+def _chosen_sender(**env: str) -> str:
+    environ = {
+        k: v for k, v in os.environ.items() if k != "CIRCUS_WATCHDOG_NO_EXTENSIONS"
+    }
+    code = (
+        "from circus_watchdog.loadgen import _send; "
+        "print(_send.compiled, _send.send_heartbeats.__module__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        env={**environ, **env},
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+@pytest.mark.c_extension
+def test_compiled_sender_preferred_by_default() -> None:
+    assert _chosen_sender() == "True circus_watchdog.loadgen._send_c"
+
+
+def test_env_var_forces_pure_sender() -> None:
+    assert _chosen_sender(CIRCUS_WATCHDOG_NO_EXTENSIONS="1") == (
+        "False circus_watchdog.loadgen._send_py"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from circus_watchdog import logs
+from circus_watchdog import logs, procfs
 from circus_watchdog.config import Config, ConfigError
 
 logger = logging.getLogger("circus.watchdog")
@@ -143,7 +143,7 @@ def test_plugin_log_output_file_gets_all_and_circusd_log_the_trouble(
     and errors only. Without log_output, circusd's log gets it all."""
     own, circusd = tmp_path / "own.log", tmp_path / "circusd.log"
     cmdline = ["circusd", "--log-output", str(circusd), "c.ini"]
-    monkeypatch.setattr(logs, "_read_cmdline", lambda pid: cmdline)
+    monkeypatch.setattr(procfs, "cmdline", lambda pid: cmdline)
     monkeypatch.setattr(sys, "argv", ["-c", "--log-level", "info"])
     logs.configure(config(log_output=str(own)), plugin=True)
     logger.info("routine")
@@ -171,7 +171,7 @@ def test_plugin_default_writes_to_parent_stderr(
         with open(err, "ab") as f:
             os.dup2(f.fileno(), 2)
         monkeypatch.setattr(os, "getppid", os.getpid)
-        monkeypatch.setattr(logs, "_read_cmdline", lambda pid: ["circusd", "c.ini"])
+        monkeypatch.setattr(procfs, "cmdline", lambda pid: ["circusd", "c.ini"])
         monkeypatch.setattr(sys, "argv", ["-c"])
         logs.configure_plugin_default()
         logger.error("invalid max_count (--max-count): ... got '0'")
@@ -197,7 +197,7 @@ def test_plugin_default_when_circusd_stderr_is_a_socket(
         syslog.settimeout(5)
         monkeypatch.setattr(logs, "DEV_LOG", dev_log)
         monkeypatch.setattr(os, "getppid", os.getpid)
-        monkeypatch.setattr(logs, "_read_cmdline", lambda pid: ["circusd", "c.ini"])
+        monkeypatch.setattr(procfs, "cmdline", lambda pid: ["circusd", "c.ini"])
         monkeypatch.setattr(sys, "argv", ["-c"])
         try:
             os.dup2(journal.fileno(), 2)
@@ -215,7 +215,7 @@ def test_plugin_log_output_same_as_circusd_log_is_not_doubled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = tmp_path / "circus.log"
-    monkeypatch.setattr(logs, "_read_cmdline", lambda pid: ["circusd", "c.ini"])
+    monkeypatch.setattr(procfs, "cmdline", lambda pid: ["circusd", "c.ini"])
     monkeypatch.setattr(sys, "argv", ["-c", "--log-output", str(log)])
     logs.configure(config(log_output=str(log)), plugin=True)
     logger.error("once")

@@ -413,7 +413,7 @@ def test_a_taken_port_names_the_option_and_address(
         f"metrics_port: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert foreign.errno == errno.EADDRNOTAVAIL
-    assert "metrics_port: cannot listen on 192.0.2.1:0: " in str(foreign)
+    assert "metrics_host: cannot listen on 192.0.2.1:0: " in str(foreign)
     assert "\n" not in str(in_use) + str(foreign)
 
 

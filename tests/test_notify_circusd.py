@@ -1,4 +1,5 @@
-"""The Unix socket on a real circusd (issue 10 items 7 and 11).
+"""The sd_notify Unix socket on a real circusd: ``notify_access``, and the
+descriptors a notifier passes along.
 
 notify_access: a watcher's shell script, running as a non-root user, sends
 ``systemd-notify WATCHDOG=1``.  The message comes from the ``systemd-notify``

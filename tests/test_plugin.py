@@ -33,8 +33,6 @@ from support import (
     worker_cmd,
 )
 
-pytestmark = pytest.mark.circusd
-
 LOOP_RATE = 0.5  # seconds
 MAX_COUNT = 2
 TIMEOUT = LOOP_RATE * MAX_COUNT

@@ -17,11 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from support import Circusd, fetch_metrics, free_port, metric, wait_pids
-
-pytestmark = pytest.mark.circusd
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 LOOP_RATE = 0.5  # seconds (the doc's 5 would make a slow test)

@@ -32,8 +32,6 @@ from support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.circusd
-
 CHECK_DELAY = 1  # seconds: circusd would respawn a dead plugin this often
 NO_RESPAWN_FOR = 3 * CHECK_DELAY  # seconds watched for a respawn
 PLUGIN = "plugin:watchdog"
@@ -185,6 +183,7 @@ def test_foreground_default_logging(circusd_factory: Callable[..., Circusd]) -> 
     assert line.split(" [ERROR] ", 1)[1] == example
 
 
+@pytest.mark.circusd  # launch starts circusd itself
 def test_log_output_flag(launch: Launch, tmp_path: Path) -> None:
     """``circusd --log-output FILE``: circus does not pass it to plugins."""
     log = tmp_path / "circusd.log"
@@ -194,6 +193,7 @@ def test_log_output_flag(launch: Launch, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.circusd  # launch starts circusd itself
 def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
     """``[circus] logoutput = FILE``, and a runtime failure: the port is taken."""
     log = tmp_path / "circusd.log"
@@ -218,6 +218,7 @@ def test_ini_logoutput_and_a_taken_port(launch: Launch, tmp_path: Path) -> None:
     wait_for(lambda: "listening on udp" in log.read_text(), timeout=15)
 
 
+@pytest.mark.circusd  # launch starts circusd itself
 def test_daemon(launch: Launch, tmp_path: Path) -> None:
     """``circusd --daemon --log-output FILE`` (a daemon's stderr is /dev/null).
     The plugin's own log_output, good while max_count is bad, gets the line too."""
@@ -268,3 +269,43 @@ log_output = {own}
     circusd.wait_for(lambda: has_started(own, quiet), timeout=15)
     assert not any("[INFO]" in line for line in lines(circusd.log, quiet))
     assert not lines(own, loud)
+
+
+def test_option_warnings_reach_circusd_log(
+    circusd_factory: Callable[..., Circusd],
+) -> None:
+    """A typo'd option, and an empty value that swallows the option after it:
+    one warning each, in circusd's log (default logging), in its line format."""
+    sections = f"""
+[plugin:typo]
+use = circus_watchdog.plugin.WatchDog
+watchers_regex = ^nothing$
+port = {free_udp_port()}
+loop_rat = 5
+
+[plugin:empty]
+use = circus_watchdog.plugin.WatchDog
+watchers_regex = ^nothing$
+port = {free_udp_port()}
+grace =
+max_count = 5
+"""
+    circusd = circusd_factory(sections)
+    (typo,) = circusd.wait_for(lambda: circusd.pids("plugin:typo"), timeout=10)
+    (empty,) = circusd.wait_for(lambda: circusd.pids("plugin:empty"), timeout=10)
+
+    def warnings(pid: int) -> list[str]:
+        tag = f"circus.watchdog[{pid}] [WARNING] "
+        text = circusd.log.read_text(errors="replace")
+        found = [line.split(tag, 1)[1] for line in text.splitlines() if tag in line]
+        return [w for w in found if "option" in w]  # not the pure core's, say
+
+    circusd.wait_for(lambda: warnings(typo) and warnings(empty), timeout=15)
+    assert warnings(typo) == [
+        "ignoring unknown option(s) in [plugin:typo]: "
+        "'loop_rat' (did you mean 'loop_rate'?)"
+    ]
+    assert warnings(empty) == [
+        "an empty option in [plugin:empty] made circus drop the option after it "
+        "(max_count): delete empty options"
+    ]

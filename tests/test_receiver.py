@@ -16,7 +16,6 @@ from types import ModuleType
 
 import pytest
 
-from circus_watchdog.harness import free_udp_port
 from circus_watchdog.metrics import Metrics
 from circus_watchdog.receiver import (
     SPARSE_DELAY,
@@ -26,6 +25,7 @@ from circus_watchdog.receiver import (
     Receiver,
 )
 from fake_circusd import config
+from support import free_udp_port
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 PID = 4242

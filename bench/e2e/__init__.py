@@ -19,3 +19,13 @@ fills), ``receivers`` (the four receivers behind one interface), ``accounting``
 (CPU, socket queue and drop counters), ``matrix`` (the phases), ``report``
 (medians, tables, plot) and ``cli``. docs/benchmarks.md says what it found.
 """
+
+import sys
+from pathlib import Path
+
+# circusd and the standalone command on free ports come from the tests' harness
+# (tests/harness.py), imported as ``harness``: appended, so that nothing in
+# tests/ shadows a module of bench/.
+_TESTS = str(Path(__file__).resolve().parents[2] / "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from circus_watchdog.harness import (
+from harness import (
     Circusd,
     Standalone,
     circusd_pool,

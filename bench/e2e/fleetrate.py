@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from circus_watchdog.harness import fetch_status, free_ports, start_circusd, wait_for
+from harness import fetch_status, free_ports, start_circusd, wait_for
 
 from . import matrix
 from .accounting import cpu_seconds

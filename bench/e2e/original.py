@@ -6,7 +6,7 @@ pids in its ``pid_status`` as its ``handle_recv`` does on a ``spawn`` event,
 binds with its own ``_bind_socket`` (which registers ``receive_udp_socket`` on
 its tornado IOLoop: one ``recvfrom``, decode, regex and ``pid_status`` update
 per wake-up), sizes the buffer as the daemon does
-(``circus_watchdog.receiver.set_rcvbuf``), prints ``ready PORT GRANTED`` and
+(``circus_watchdog.sockets.set_rcvbuf``), prints ``ready PORT GRANTED`` and
 runs the loop. On SIGTERM it prints ``count N``
 (datagrams read) and exits: the same protocol as the C floors.
 
@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from circus_watchdog.receiver import set_rcvbuf
+from circus_watchdog.sockets import set_rcvbuf
 
 LOOP_RATE = 3600  # seconds: look_after never runs during a benchmark
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from circus_watchdog.harness import Standalone, metric
+from harness import Standalone, metric
 
 from .floors import CountingProc, start_floor
 

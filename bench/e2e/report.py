@@ -136,7 +136,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
 def targets(
     res: dict[str, Any], s: dict[str, Any]
 ) -> list[tuple[str, bool | None, str]]:
-    """(target, met?, measured) for issue 8's targets."""
+    """(target, met?, measured) for each end-to-end performance target."""
     out: list[tuple[str, bool | None, str]] = []
     for rate in ("200000", "100000", "50000"):
         sleep = s["ratios"]["daemon / floor_sleep"].get(rate)
@@ -254,7 +254,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines += _other_tables(res, s)
     tg = targets(res, s)
     if tg:
-        lines += ["Targets (issue 8):", ""]
+        lines += ["Targets:", ""]
         for name, ok, detail in tg:
             state = "n/a" if ok is None else ("met" if ok else "**missed**")
             lines.append(f"- {state}: {name}: {detail}")

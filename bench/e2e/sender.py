@@ -1,5 +1,5 @@
-"""The sender: loadgen (``python -m loadgen``, one worker, sendmmsg) as a
-process of its own, pinned away from the receivers."""
+"""The sender: loadgen (``python -m circus_watchdog.loadgen``, one worker,
+sendmmsg) as a process of its own, pinned away from the receivers."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class Sender:
         self, port: int, rate: str, *, duration: float, count: int = 0
     ) -> list[str]:
         """The loadgen command line."""
-        cmd = [sys.executable, "-m", "loadgen", "--target", f"127.0.0.1:{port}"]
+        cmd = [sys.executable, "-m", "circus_watchdog.loadgen"]
+        cmd += ["--target", f"127.0.0.1:{port}"]
         cmd += ["--endpoint", self.endpoint, "--watchers", self.watchers]
         cmd += ["--rate", rate, "--duration", f"{duration:g}", "--json"]
         if count:

@@ -1,4 +1,7 @@
-# cython: language_level=3, freethreading_compatible=True
+# cython: language_level=3
+# Not freethreading_compatible: a HeartbeatTable and its receive buffers are
+# not safe to share between threads (no locks; the engine drives each table
+# from its one event loop), so a free-threaded build keeps the GIL on import.
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 # cython: binding=False
 # Compiled twin of _core_py.py: the same algorithm on C arrays, so a datagram
@@ -14,18 +17,16 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.math cimport floor
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.stdio cimport snprintf
 from libc.stdlib cimport strtod
 from libc.string cimport memchr, memcmp, memcpy, memset
 from posix.unistd cimport close
 
 from ._syscalls cimport (
-    AF_INET,
-    AF_INET6,
     CMSG_DATA,
     CMSG_FIRSTHDR,
     CMSG_LEN,
     CMSG_NXTHDR,
+    CMSG_SPACE,
     MSG_CMSG_CLOEXEC,
     MSG_CTRUNC,
     SCM_CREDENTIALS,
@@ -36,14 +37,9 @@ from ._syscalls cimport (
     ucred,
     MSG_DONTWAIT,
     MSG_TRUNC,
-    htons,
-    inet_pton,
     iovec,
     mmsghdr,
     recvmmsg,
-    sendmmsg,
-    sockaddr_in,
-    sockaddr_in6,
 )
 
 cdef extern from *:
@@ -55,9 +51,6 @@ cdef extern from "<string.h>" nogil:
 
 import os
 
-from ._core_py import _CONTROL_SIZE as _PY_CONTROL_SIZE
-from ._core_py import MAX_DATAGRAM as _PY_MAX_DATAGRAM
-from ._core_py import PID_MAX as _PY_PID_MAX
 from ._core_py import (
     DrainCounts,
     _check_args,
@@ -68,24 +61,27 @@ from ._core_py import (
 
 cdef enum:
     MAX_DATAGRAM = 1024
-    # One recvmmsg/sendmmsg call moves up to BATCH datagrams: 64 keeps the
+    # One recvmmsg call moves up to BATCH datagrams: 64 keeps the
     # receive buffers (64 x 1025 bytes) inside L2 while amortising the syscall.
     BATCH = 64
     RECV_SIZE = MAX_DATAGRAM + 1  # one spare byte tells an oversized datagram
-    SEND_SIZE = 48  # "2147483647;" + a %.3f timestamp fits easily
-    # Room for the control messages of one datagram: SO_RXQ_OVFL,
-    # CMSG_SPACE(4) = 24, SCM_CREDENTIALS, CMSG_SPACE(sizeof(struct ucred)) =
-    # 32, and SCM_RIGHTS with up to 32 descriptors, CMSG_SPACE(32 * 4) = 144,
-    # on LP64.  The kernel closes the descriptors that do not fit and sets
-    # MSG_CTRUNC (unix(7)); _core_py._CONTROL_SIZE is the same sum.
-    CONTROL_SIZE = 200
+    # SCM_RIGHTS descriptors that fit the control buffer; the kernel closes
+    # the rest and sets MSG_CTRUNC (unix(7)).  _core_py._MAX_PASSED_FDS.
+    MAX_PASSED_FDS = 32
     NONE = -1
     EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
 
-cdef int32_t PID_MAX = 2147483647
+cdef int32_t PID_MAX = 2147483647  # as _core_py's (the twin tests hold both)
 
-assert _PY_MAX_DATAGRAM == MAX_DATAGRAM and _PY_PID_MAX == PID_MAX
-assert _PY_CONTROL_SIZE == CONTROL_SIZE
+# Room for the control messages of one datagram: SO_RXQ_OVFL (a uint32_t drop
+# count), SCM_CREDENTIALS (a struct ucred) and SCM_RIGHTS (up to
+# MAX_PASSED_FDS ints), each padded by CMSG_SPACE(3) as this platform's
+# headers define it; _core_py._CONTROL_SIZE is the same sum (socket.CMSG_SPACE).
+cdef size_t CONTROL_SIZE = (
+    CMSG_SPACE(sizeof(uint32_t))
+    + CMSG_SPACE(sizeof(ucred))
+    + CMSG_SPACE(MAX_PASSED_FDS * sizeof(int))
+)
 
 
 ctypedef struct Slot:
@@ -879,111 +875,3 @@ cdef class HeartbeatTable:
             if n < want:
                 break
         return payloads, oversized
-
-
-cdef int _sockaddr(sock, addr, sockaddr_in6 *out, unsigned int *outlen) except -1:
-    # Numeric addresses only: loadgen resolves names before it floods.
-    cdef sockaddr_in *v4 = <sockaddr_in *>out
-    host, port = addr
-    cdef bytes h = host.encode("ascii")
-    memset(out, 0, sizeof(sockaddr_in6))
-    if sock.family == AF_INET:
-        v4.sin_family = AF_INET
-        v4.sin_port = htons(port)
-        if inet_pton(AF_INET, h, &v4.sin_addr) != 1:
-            raise ValueError(f"not a numeric IPv4 address: {host!r}")
-        outlen[0] = sizeof(sockaddr_in)
-    elif sock.family == AF_INET6:
-        out.sin6_family = AF_INET6
-        out.sin6_port = htons(port)
-        if inet_pton(AF_INET6, h, &out.sin6_addr) != 1:
-            raise ValueError(f"not a numeric IPv6 address: {host!r}")
-        outlen[0] = sizeof(sockaddr_in6)
-    else:
-        raise ValueError("addr is only for AF_INET and AF_INET6 sockets")
-    return 0
-
-
-cdef int _sendmmsg(int fd, mmsghdr *msgs, int n) except -1:
-    cdef int sent = 0, r
-    while sent < n:
-        r = sendmmsg(fd, msgs + sent, n - sent, MSG_DONTWAIT)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
-                break
-            if sent:  # report what went out; the error recurs on the next call
-                break
-            raise OSError(errno, os.strerror(errno))
-        sent += r
-    return sent
-
-
-cdef class _Sender:
-    # Fixed buffers for one sendmmsg batch.
-    cdef mmsghdr msgs[BATCH]
-    cdef iovec iov[BATCH]
-    cdef char buf[BATCH * SEND_SIZE]
-    cdef sockaddr_in6 name
-    cdef unsigned int namelen
-
-    def __cinit__(self):
-        memset(self.msgs, 0, sizeof(self.msgs))
-        self.namelen = 0
-
-    cdef int prepare(self, sock, addr) except -1:
-        cdef int i
-        if addr is not None:
-            _sockaddr(sock, addr, &self.name, &self.namelen)
-        for i in range(BATCH):
-            self.msgs[i].msg_hdr.msg_iov = &self.iov[i]
-            self.msgs[i].msg_hdr.msg_iovlen = 1
-            self.msgs[i].msg_hdr.msg_name = &self.name if addr is not None else NULL
-            self.msgs[i].msg_hdr.msg_namelen = self.namelen if addr is not None else 0
-        return 0
-
-
-def send_heartbeats(sock, addr, pids, double timestamp=0.0):
-    """Send one ``PID;TIMESTAMP`` datagram per pid with ``sendmmsg``."""
-    cdef _Sender s = _Sender()
-    cdef int fd = sock.fileno()
-    cdef Py_ssize_t total = len(pids), done = 0
-    cdef int n, i, sent
-    cdef long long pid
-    s.prepare(sock, addr)
-    while done < total:
-        n = BATCH if total - done > BATCH else <int>(total - done)
-        for i in range(n):
-            pid = pids[done + i]
-            s.iov[i].iov_base = s.buf + i * SEND_SIZE
-            s.iov[i].iov_len = snprintf(s.buf + i * SEND_SIZE, SEND_SIZE,
-                                        b"%lld;%.3f", pid, timestamp)
-        sent = _sendmmsg(fd, s.msgs, n)
-        done += sent
-        if sent < n:
-            break
-    return done
-
-
-def send_datagrams(sock, addr, payloads):
-    """Send each payload as one datagram with ``sendmmsg``; returns the count sent."""
-    cdef _Sender s = _Sender()
-    cdef int fd = sock.fileno()
-    cdef Py_ssize_t total = len(payloads), done = 0
-    cdef int n, i, sent
-    cdef bytes p
-    cdef list batch
-    s.prepare(sock, addr)
-    while done < total:
-        n = BATCH if total - done > BATCH else <int>(total - done)
-        batch = [bytes(payloads[done + i]) for i in range(n)]  # keeps buffers alive
-        for i in range(n):
-            p = batch[i]
-            s.iov[i].iov_base = PyBytes_AS_STRING(p)
-            s.iov[i].iov_len = PyBytes_GET_SIZE(p)
-        sent = _sendmmsg(fd, s.msgs, n)
-        done += sent
-        if sent < n:
-            break
-    return done

@@ -21,17 +21,14 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
 from .pids import PID_MAX
+from .sockets import SCM_CREDENTIALS, SO_RXQ_OVFL
 
 MAX_DATAGRAM = 1024  # bytes; longer heartbeats are malformed
-#: socket(7): with this option set, a datagram queued after a drop carries the
-#: socket's cumulative drop count as a control message.
-SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
-_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)  # Linux only
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 #: Passed descriptors (SCM_RIGHTS) that fit the control buffer; the kernel
 #: closes the rest and sets MSG_CTRUNC.  Each is closed as soon as it is read.
@@ -391,7 +388,7 @@ class HeartbeatTable:
             if kind == SO_RXQ_OVFL and len(data) >= 4:
                 count = int.from_bytes(data[:4], sys.byteorder)
                 self._drops = max(self._drops, count)
-            elif kind == _SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            elif kind == SCM_CREDENTIALS and len(data) >= _UCRED.size:
                 self._sender = _UCRED.unpack_from(data)[0]
             elif kind == socket.SCM_RIGHTS:
                 _close_passed(data)
@@ -534,48 +531,3 @@ def _borrowed(fd: int) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.detach()
-
-
-def _sendto_all(
-    sock: socket.socket,
-    addr: tuple[str, int] | None,
-    payloads: Sequence[bytes],
-) -> int:
-    sent = 0
-    for payload in payloads:
-        try:
-            if addr is None:
-                sock.send(payload, socket.MSG_DONTWAIT)
-            else:
-                sock.sendto(payload, socket.MSG_DONTWAIT, addr)
-        except BlockingIOError:
-            break
-        except OSError:
-            if sent:  # report what went out; the error recurs on the next call
-                break
-            raise
-        sent += 1
-    return sent
-
-
-def send_heartbeats(
-    sock: socket.socket,
-    addr: tuple[str, int] | None,
-    pids: Sequence[int],
-    timestamp: float = 0.0,
-) -> int:
-    """Send one ``PID;TIMESTAMP`` datagram per pid (``sendmmsg`` when compiled).
-
-    ``addr`` None sends on a connected socket.  Returns how many were sent
-    before the socket buffer filled (never blocks).
-    """
-    return _sendto_all(sock, addr, [b"%d;%.3f" % (pid, timestamp) for pid in pids])
-
-
-def send_datagrams(
-    sock: socket.socket,
-    addr: tuple[str, int] | None,
-    payloads: Sequence[bytes],
-) -> int:
-    """Send each payload as one datagram; returns how many were sent."""
-    return _sendto_all(sock, addr, payloads)

@@ -36,6 +36,7 @@ cdef extern from "<sys/socket.h>" nogil:
     cmsghdr *CMSG_NXTHDR(msghdr *msgh, cmsghdr *cmsg)
     unsigned char *CMSG_DATA(cmsghdr *cmsg)
     size_t CMSG_LEN(size_t length)
+    size_t CMSG_SPACE(size_t length)
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags,
                  timespec *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)

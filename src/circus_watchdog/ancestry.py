@@ -2,22 +2,15 @@
 
 systemd's ``NotifyAccess=all`` accepts sd_notify messages from any process of
 the service; circus has no cgroup per watcher, so a sender counts for the
-nearest monitored pid on its parent chain, read from ``/proc/PID/stat``.
+nearest monitored pid on its parent chain (each parent read by
+``procfs.parent_pid``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .pids import stat_fields
-
-
-def parent_pid(pid: int) -> int:
-    """The parent of ``pid`` as ``/proc`` says, or 0 (gone, no parent, no /proc)."""
-    fields = stat_fields(pid)
-    if not fields or len(fields) < 2 or not fields[1].isdigit():
-        return 0
-    return int(fields[1])
+from .procfs import parent_pid
 
 
 def monitored_ancestor(
@@ -28,9 +21,10 @@ def monitored_ancestor(
     if pid <= 0:
         return 0
     for _ in range(max_depth):
-        pid = parent_pid(pid)
-        if pid <= 0:
+        parent = parent_pid(pid)
+        if not parent:  # gone, hidden, or the top of the chain
             return 0
-        if is_monitored(pid):
-            return pid
+        if is_monitored(parent):
+            return parent
+        pid = parent
     return 0

@@ -274,7 +274,7 @@ def start_heartbeat_task(
 
 
 def _alive(pid: int) -> bool:
-    # A copy of circus_watchdog.pids.alive (see PID_MAX): a zombie is gone.
+    # A copy of circus_watchdog.procfs.alive (see PID_MAX): a zombie is gone.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -7,33 +7,74 @@ heartbeating after a random 2-8 s but stay alive (a hang), so the watchdog
 kills them and circusd respawns them (the first kill comes well within 15 s);
 ``unmonitored`` never heartbeats and is not matched by ``watchers_regex``, so
 it is left alone.
+
+circusd runs in a session of its own, without ``circusd-stats`` (no
+``stats_endpoint``: circus 0.19 starts circusd-stats whenever it is set, even
+with ``statsd = False``). When the demo ends it asks circusd to ``quit``; if
+circusd has not exited ``QUIT_TIMEOUT`` seconds later (it can wedge on
+``quit`` while a kill is under way), the demo SIGKILLs circusd's whole process
+group and every process circusd had started (circus starts each in a session
+of its own, out of that group), so it never leaves one behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 from circus.client import CircusClient
-
-from circus_watchdog.harness import fetch_status, free_ports
 
 LOOP_RATE = 1.0  # seconds; timeout = LOOP_RATE * MAX_COUNT
 MAX_COUNT = 3
 REFRESH = 0.5  # seconds between screen updates
 START_TIMEOUT = 20.0  # seconds for circusd and the plugin to come up
+QUIT_TIMEOUT = 5.0  # seconds for circusd to answer `quit` and then to exit
+KILL_TIMEOUT = 5.0  # seconds for SIGKILLed processes to be gone
+
+# Straight to loopback, whatever http_proxy says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    # Hold every socket until all are bound so the ports are distinct.
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def fetch_status(port: int, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The watchdog's /status JSON, or None while it does not answer."""
+    url = f"http://127.0.0.1:{port}/status"
+    try:
+        with _DIRECT.open(url, timeout=timeout) as reply:
+            status: dict[str, Any] = json.loads(reply.read())
+    except OSError:
+        return None
+    return status
 
 
 def write_ini(folder: Path) -> tuple[Path, str, int]:
     """Write the demo's circus.ini; returns its path, endpoint and metrics port."""
-    endpoint_port, pubsub_port, stats_port, udp_port, metrics_port = free_ports(5)
+    endpoint_port, pubsub_port, udp_port, metrics_port = free_ports(4)
     worker = f"{sys.executable} -m circus_watchdog.demo_worker"
     worker += f" --address 127.0.0.1:{udp_port}"
     endpoint = f"tcp://127.0.0.1:{endpoint_port}"
@@ -42,7 +83,6 @@ def write_ini(folder: Path) -> tuple[Path, str, int]:
         f"""[circus]
 endpoint = {endpoint}
 pubsub_endpoint = tcp://127.0.0.1:{pubsub_port}
-stats_endpoint = tcp://127.0.0.1:{stats_port}
 statsd = False
 multicast_endpoint =
 check_delay = 1
@@ -98,9 +138,11 @@ def render(
         "",
         f"{'watcher':<12} {'pid':>8} {'last heartbeat':>16}",
     ]
+    timeout = status["timeout"]
     for row in sorted(status["pids"], key=lambda r: (r["watcher"], r["pid"])):
         age = row["age"]
-        mark = "  silent" if age > 1.0 else ""
+        late = age - timeout
+        mark = f"  late by {late:.1f}s (timeout {timeout:g}s)" if late > 0 else ""
         lines.append(f"{row['watcher']:<12} {row['pid']:>8} {age:>14.1f}s{mark}")
     for pid in status["killing"]:
         lines.append(f"{'(killing)':<12} {pid:>8}")
@@ -130,6 +172,44 @@ def list_pids(client: CircusClient, watcher: str) -> list[int] | None:
     return [int(pid) for pid in pids] if isinstance(pids, list) else None
 
 
+def _quit(circusd: subprocess.Popen[bytes], endpoint: str) -> bool:
+    """Ask circusd to quit; whether it is gone within QUIT_TIMEOUT seconds."""
+    if circusd.poll() is not None:
+        return True
+    client = CircusClient(endpoint=endpoint, timeout=QUIT_TIMEOUT)
+    try:
+        client.call({"command": "quit", "properties": {}})
+        circusd.wait(timeout=QUIT_TIMEOUT)
+    except Exception:  # noqa: BLE001 - no answer, an error reply or no exit
+        return False
+    finally:
+        client.stop()
+    return True
+
+
+def stop_circusd(circusd: subprocess.Popen[bytes], endpoint: str) -> None:
+    """Ask circusd to quit; if it is not gone within QUIT_TIMEOUT seconds,
+    SIGKILL its process group and every process it had started."""
+    try:
+        started = psutil.Process(circusd.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    if _quit(circusd, endpoint):
+        return
+    print(
+        f"circusd did not quit within {QUIT_TIMEOUT:g} s: killing its processes",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(circusd.pid, signal.SIGKILL)
+    for proc in started:  # circus starts each process in a new session
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        circusd.wait(timeout=KILL_TIMEOUT)
+    psutil.wait_procs(started, timeout=KILL_TIMEOUT)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     parser = argparse.ArgumentParser(prog="circus-watchdog demo")
@@ -143,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="circus-watchdog-demo-"))
     ini, endpoint, metrics_port = write_ini(folder)
     log = (folder / "circusd.log").open("wb")
+    # A session of its own: Ctrl-C reaches only the demo, which then stops
+    # circusd, and the fallback can end the whole process group.
     circusd = subprocess.Popen(
         [sys.executable, "-m", "circus.circusd", str(ini)],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=folder,
+        start_new_session=True,
     )
     client = CircusClient(endpoint=endpoint, timeout=5)
     live = sys.stdout.isatty() and not args.plain
@@ -180,14 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        with contextlib.suppress(Exception):
-            client.call({"command": "quit", "properties": {}})
-        try:
-            circusd.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            circusd.kill()
-            circusd.wait()
         client.stop()
+        stop_circusd(circusd, endpoint)
         log.close()
         shutil.rmtree(folder, ignore_errors=True)
     if status is not None:

@@ -22,14 +22,14 @@ import logging
 import time
 from typing import Any
 
-from .ancestry import parent_pid
 from .circusd import CircusError
-from .config import Config, split_tcp
+from .config import Config
 from .diagnostics import Diagnostics, KillReport, Snapshot
 from .metrics import Metrics
-from .pids import alive
+from .procfs import alive, parent_pid
 from .registry import Registry
 from .sync import Caller
+from .values import split_tcp
 
 logger = logging.getLogger("circus.watchdog")
 
@@ -128,7 +128,7 @@ class Killer:
 
     async def _child_of_circusd(self, pid: int, watcher: str) -> bool:
         parent = parent_pid(pid)
-        if parent == 0:
+        if not parent:
             return False  # gone, or not visible here
         if parent != self._circusd_pid:  # unknown yet, or circusd restarted
             self._circusd_pid = await self._ask_circusd_pid()

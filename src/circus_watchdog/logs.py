@@ -23,8 +23,9 @@ from urllib.parse import urlparse
 from circus.config import read_config
 from circus.util import LOG_DATE_FMT, LOG_DATE_SYSLOG_FMT, LOG_FMT
 
+from . import procfs
 from .config import Config, ConfigError
-from .receiver import is_socket
+from .sockets import is_socket
 
 __all__ = ["circusd_log_output", "configure", "configure_plugin_default"]
 
@@ -122,20 +123,13 @@ def circusd_log_output(
     ini from circusd's command line, then the plugin's own flag.
     """
     flag, ini = _circusd_args(circusd_cmdline or [])
-    cwd = _cwd(ppid)
+    cwd = procfs.cwd(ppid)
     if flag is None and ini is not None:
         flag = _ini_logoutput(os.path.join(cwd, ini) if cwd else ini)
     output = flag or _plugin_flag(plugin_argv) or STDOUT
     if output == STDOUT or output.startswith("syslog://") or not cwd:
         return output
     return os.path.join(cwd, output)  # relative to circusd's working directory
-
-
-def _cwd(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return None
 
 
 def _circusd_args(cmdline: Sequence[str]) -> tuple[str | None, str | None]:
@@ -187,19 +181,10 @@ def _after_circusd(cmdline: list[str]) -> list[str]:
     return []
 
 
-def _read_cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
-
-
 def _circusd_output() -> str:
     """Where circusd, this process's parent, logs."""
     ppid = os.getppid()
-    return circusd_log_output(ppid, sys.argv[1:], _read_cmdline(ppid))
+    return circusd_log_output(ppid, sys.argv[1:], procfs.cmdline(ppid))
 
 
 def _same_file(output: str, other: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections import Counter
@@ -39,7 +40,7 @@ logger = logging.getLogger("circus.watchdog")
 
 PREFIX = "circus_watchdog_"
 
-# Why a diagnostic capture (diagnostic_signal) failed; each is exposed from the
+# Why a diagnostic capture (diagnostic_command) failed; each is exposed from the
 # first scrape so that increase() sees the first failure.
 CAPTURE_FAILURE_REASONS = ("timeout", "error", "skipped")
 
@@ -259,6 +260,8 @@ def _bind_error(exc: OSError, host: str, port: int) -> OSError:
     # A resolver error (socket.gaierror) has a negative errno of its own.
     code = exc.errno
     reason = os.strerror(code) if code and code > 0 else str(exc.strerror or exc)
-    error = OSError(f"metrics_port: cannot listen on {host}:{port}: {reason}")
+    # An address not on this host is metrics_host's fault, anything else the port's.
+    option = "metrics_host" if code == errno.EADDRNOTAVAIL else "metrics_port"
+    error = OSError(f"{option}: cannot listen on {host}:{port}: {reason}")
     error.errno = code  # kept for callers, left out of the one-line message
     return error

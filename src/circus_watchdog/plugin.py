@@ -13,6 +13,7 @@ from typing import Any
 from circus.plugins import CircusPlugin
 
 from . import logs, runner
+from .circus_ini import plugin_options
 from .config import Config, ConfigError
 
 logger = logging.getLogger("circus.watchdog")
@@ -30,33 +31,61 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
     ``loop_rate`` seconds; a process silent for ``loop_rate * max_count``
     seconds is killed through circusd (which respawns it).
 
-    Options of the original, same names, meanings and defaults:
+    Every option, with its default (the original's ten first, same names,
+    meanings and defaults; the rest in docs/configuration.md):
 
-    - **loop_rate** -- seconds between expected heartbeats (default: 60)
-    - **watchers_regex** -- watchers to monitor, ``re.match`` (default: ".*");
-      the watcher running this plugin is never monitored
-    - **msg_regex** -- heartbeat format, a named group ``pid`` required
-      (default: "^(?P<pid>.*);(?P<timestamp>.*)$", parsed in compiled code)
-    - **max_count** -- silent loop_rates before the kill (default: 3)
-    - **ip** -- address to listen on (default: 127.0.0.1)
-    - **port** -- UDP port to listen on (default: 1664)
-    - **watchers_stop_signal** -- signal for the kill (default: the watcher's)
-    - **watchers_graceful_timeout** -- seconds before SIGKILL (default: the
-      watcher's)
-    - **log_level** -- the plugin's log level (default: info)
-    - **log_output** -- a file or ``syslog://`` URL for the plugin's log
-      (default: "-", where circusd logs; warnings and errors always go there)
-
-    New options (see docs/configuration.md): **tick** (default: loop_rate / 10,
-    at most 1 s), **metrics_port** (default: off), **dry_run** (default: false),
-    **storm_guard** (default: true), **max_kill_fraction** (default: 0.5),
-    **storm_floor** (default: 2), **rcvbuf** (default: 8M), **budget**
-    (default: 4096), **resync_interval** (default: 60), **call_timeout**
-    (default: 5), **unix_socket** (default: off; with ``use_sockets = True``
-    an inherited circusd ``[socket:NAME]`` bound there is used), **max_age**
-    (default: off), **grace** (default: the timeout), **watcher_timeouts**
-    (default: none),
-    **diagnostic_signal** (default: off), **diagnostic_delay** (default: 2).
+    - **loop_rate** -- seconds between expected heartbeats (default: ``60``)
+    - **max_count** -- silent loop_rates before the kill (default: ``3``)
+    - **watchers_regex** -- watchers to monitor, ``re.match``; the watcher
+      running this plugin is never monitored (default: ``.*``)
+    - **msg_regex** -- heartbeat format, a named group ``pid`` required; the
+      default is parsed in compiled code
+      (default: ``^(?P<pid>.*);(?P<timestamp>.*)$``)
+    - **ip** -- address to listen on (default: ``127.0.0.1``)
+    - **port** -- UDP port to listen on, 0 for none (default: ``1664``)
+    - **watchers_stop_signal** -- signal for the kill
+      (default: the watcher's stop_signal)
+    - **watchers_graceful_timeout** -- seconds before SIGKILL
+      (default: the watcher's graceful_timeout)
+    - **log_level** -- the plugin's log level (default: ``info``)
+    - **log_output** -- a file or ``syslog://`` URL for the plugin's log;
+      ``-`` is where circusd logs, which also gets warnings and errors
+      (default: ``-``)
+    - **unix_socket** -- sd_notify socket path or ``@NAME``; with
+      ``use_sockets = True`` an inherited circusd ``[socket:NAME]`` bound
+      there is used (default: off)
+    - **notify_access** -- ``main`` or ``all`` sd_notify senders
+      (default: ``main``)
+    - **max_age** -- seconds a UDP heartbeat's timestamp may be off
+      (default: off)
+    - **grace** -- seconds before a new process's first heartbeat is due
+      (default: the timeout)
+    - **watcher_timeouts** -- ``REGEX=SECONDS,...`` per watcher (default: none)
+    - **include_circus** -- monitor circus's own processes (default: ``false``)
+    - **dry_run** -- log and count kills, kill nothing (default: ``false``)
+    - **storm_guard** -- hold kills when too many would die (default: ``true``)
+    - **max_kill_fraction** -- storm guard's fraction (default: ``0.5``)
+    - **storm_floor** -- storm guard's floor (default: ``2``)
+    - **diagnostic_signal** -- signal sent before a kill (default: off)
+    - **diagnostic_delay** -- seconds from it to the kill (default: ``2``)
+    - **diagnostic_command** -- command run before a kill; double-quote it in
+      circus.ini (default: off)
+    - **diagnostic_timeout** -- seconds it may run (default: ``10``)
+    - **diagnostic_dir** -- where its output is kept (default: off)
+    - **diagnostic_keep** -- files kept there (default: ``100``)
+    - **diagnostic_concurrency** -- runs at once (default: ``2``)
+    - **call_timeout** -- seconds to wait for circusd (default: ``5``)
+    - **resync_interval** -- seconds between full re-syncs (default: ``60``)
+    - **metrics_port** -- TCP port of /metrics and /status on metrics_host
+      (default: off)
+    - **metrics_host** -- address of the metrics server
+      (default: ``127.0.0.1``)
+    - **tick** -- seconds between deadline checks
+      (default: min(loop_rate / 10, 1))
+    - **budget** -- datagrams read per wake-up (default: ``4096``)
+    - **rcvbuf** -- UDP receive buffer in bytes (default: ``8M``)
+    - **batch_delay** -- seconds between drains under a flood
+      (default: ``0.001``)
     """
 
     name = "watchdog"
@@ -78,15 +107,18 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         # A bad option is reported by start(), where circusd's log is reached:
         # circus runs this constructor outside any handler, so an exception here
         # would only reach the plugin's stderr, which circus discards.
+        # Warnings wait for start() too: logging is not set up yet.
         self.watchdog_config: Config | None = None
         self.error: str | None = None
+        source = f"[{config.get('name', 'plugin:' + self.name)}]"
+        options, self.warnings = plugin_options(config, source)
         try:
             if ssh_server:
                 raise ConfigError(
                     "ssh_server: circus-watchdog does not tunnel over ssh"
                 )
             self.watchdog_config = Config.from_options(
-                config, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
+                options, endpoint=endpoint, pubsub_endpoint=pubsub_endpoint
             )
         except ConfigError as exc:
             self.error = str(exc)
@@ -111,7 +143,7 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
                     stop_setter=self._set_stopper,
                 )
             except OSError as exc:
-                self._idle(_without_errno(exc))
+                self._idle(runner.error_line(exc))
         finally:
             self.running = False
 
@@ -119,15 +151,19 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         """Log as configured and return the config; else report why, and idle."""
         config = self.watchdog_config
         try:
-            if config is not None:
+            if config is None:
+                # Another option is bad: log_output and log_level may be good.
+                options = {k: v for k, v in self.config.items() if k in LOG_OPTIONS}
+                logs.configure(Config.from_options(options), plugin=True)
+            else:
                 logs.configure(config, plugin=True)
-                return config
-            # Another option is bad: log_output and log_level may still be good.
-            options = {k: v for k, v in self.config.items() if k in LOG_OPTIONS}
-            logs.configure(Config.from_options(options), plugin=True)
         except ConfigError as exc:
             self.error = self.error or str(exc)
             logs.configure_plugin_default()
+        for warning in self.warnings:
+            logger.warning("%s", warning)
+        if config is not None and self.error is None:
+            return config
         self._idle(self.error or "no configuration")
         return None
 
@@ -159,11 +195,3 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         self._stopped.set()
         if self._stop is not None:
             self._stop()
-
-
-def _without_errno(exc: OSError) -> str:
-    """The message of an OSError that names its option, without "[Errno N]"."""
-    plain = os.strerror(exc.errno) if exc.errno else None
-    if exc.strerror and exc.strerror != plain:
-        return str(exc.strerror)
-    return str(exc)

@@ -1,4 +1,4 @@
-"""The heartbeat sockets, their buffers, and when to read them.
+"""Reading the heartbeat sockets (bound by ``sockets``): when, and into the table.
 
 A wake-up costs more than the datagrams it reads when they come a few at a
 time (epoll, a loop callback, a Python call, the counters), so each socket is
@@ -28,14 +28,11 @@ arrival, the 1 ms left over being for the loop's other work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
 import os
 import socket
-import stat
-import sys
 import time
 from collections.abc import Callable
 
@@ -43,92 +40,16 @@ from ._core import HeartbeatTable
 from .ancestry import monitored_ancestor
 from .config import Config
 from .formats import apply_regex
-from .inherit import inherited_unix_socket
 from .metrics import Metrics
+from .sockets import (
+    bind_udp,
+    bind_unix,
+    inherited_unix_socket,
+    is_socket,
+    size_rcvbuf,
+)
 
 logger = logging.getLogger("circus.watchdog")
-
-# socket(7), Linux: report the socket's drop count with each datagram; set a
-# buffer past net.core.rmem_max (Python's socket module names neither).
-SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-
-
-def set_rcvbuf(sock: socket.socket, want: int) -> int:
-    """Ask for a ``want``-byte receive buffer (forcing past rmem_max where
-    allowed); return the bytes granted."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
-    # Linux reports twice what it grants (the rest is bookkeeping).
-    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 < want:
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, want)
-    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2)
-
-
-def _sized(sock: socket.socket, want: int) -> None:
-    got = set_rcvbuf(sock, want)
-    if got < want:
-        logger.warning(
-            "rcvbuf: asked for %d bytes, the kernel granted %d; raise "
-            "net.core.rmem_max (sysctl -w net.core.rmem_max=%d) or run with "
-            "CAP_NET_ADMIN, or heartbeats may be dropped under load",
-            want,
-            got,
-            want,
-        )
-
-
-def bind_udp(config: Config) -> socket.socket:
-    """The UDP heartbeat socket on ``ip``:``port``; OSError naming them."""
-    family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        _sized(sock, config.rcvbuf)
-        sock.bind((config.ip, config.port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            exc.errno,
-            f"cannot bind the heartbeat socket to ip {config.ip} "
-            f"port {config.port}: {exc.strerror}",
-        ) from None
-    sock.setblocking(False)
-    with contextlib.suppress(OSError):  # Linux only: drops are then unseen
-        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
-    return sock
-
-
-def bind_unix(config: Config) -> socket.socket:
-    """The sd_notify socket at ``unix_socket``; OSError naming it."""
-    path = config.unix_socket
-    assert path is not None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    address = "\0" + path[1:] if path.startswith("@") else path
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        _sized(sock, config.rcvbuf)
-        if not path.startswith("@") and is_socket(path):
-            os.unlink(path)  # left by a previous run; never unlink a file
-        sock.bind(address)
-        if not path.startswith("@"):
-            os.chmod(path, 0o666)  # watchers may run as other users
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            exc.errno, f"cannot bind unix_socket {path}: {exc.strerror}"
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
-def is_socket(path: str) -> bool:
-    """True if ``path`` names a Unix socket."""
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
 
 #: Readability wake-ups in a row, each within SPARSE_DELAY of the one before,
 #: that move a reader to its timer; and empty timer reads in a row that move
@@ -274,7 +195,7 @@ class Receiver:
             try:
                 self._unix = inherited_unix_socket(config.unix_socket)
                 if self._unix is not None:  # circusd's [socket:NAME]
-                    _sized(self._unix, config.rcvbuf)
+                    size_rcvbuf(self._unix, config.rcvbuf)
                 else:
                     self._unix = bind_unix(config)
                     self._unix_bound = True

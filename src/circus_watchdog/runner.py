@@ -1,5 +1,12 @@
 """Runs a watchdog as a process: the event loop, signals, the parent watch,
-and the version line."""
+the version line, and ``--check``'s binds.
+
+:func:`check` binds what the daemon would bind and releases it: the UDP
+heartbeat socket, the ``unix_socket`` (unless a socket file is already there:
+a starting daemon replaces it, so it cannot be told from a stale one) and the
+metrics port. It cannot check what only circusd knows (a ``[socket:NAME]``
+inherited with ``use_sockets``, whether circusd answers at ``endpoint``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import engine
+from prometheus_client import CollectorRegistry
+
+from . import engine, metrics, sockets
 from .config import Config
 from .engine import Watchdog
 
@@ -39,6 +48,37 @@ def loop_name() -> str:
 def describe() -> str:
     """The version line: version, core and event loop."""
     return engine.describe(engine.version_info(loop_name()))
+
+
+def check(config: Config) -> None:
+    """Bind the sockets ``config`` asks for and release them; OSError naming the
+    option (the daemon's own message) for the first that cannot be bound."""
+    if config.port:
+        sockets.bind_udp(config).close()
+    path = config.unix_socket
+    if path is not None and not sockets.is_socket(path):
+        sockets.bind_unix(config).close()
+        if not path.startswith("@"):
+            os.unlink(path)
+    if config.metrics_port:
+        port = config.metrics_port
+
+        async def probe() -> None:
+            server = await metrics.serve_http(
+                config.metrics_host, port, CollectorRegistry(), dict
+            )
+            server.close()
+            await server.wait_closed()
+
+        asyncio.run(probe())
+
+
+def error_line(exc: OSError) -> str:
+    """The one-line message of an OSError that names its option, no "[Errno N]"."""
+    plain = os.strerror(exc.errno) if exc.errno else None
+    if exc.strerror and exc.strerror != plain:
+        return str(exc.strerror)
+    return str(exc)
 
 
 def run(

@@ -1,4 +1,5 @@
-"""inherited_unix_socket: the sd_notify socket taken from circusd (fast)."""
+"""sockets: binding the heartbeat sockets, and inherited_unix_socket, the
+sd_notify socket taken from circusd (fast, real sockets)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from circus_watchdog.inherit import inherited_unix_socket
+from circus_watchdog.config import Config
+from circus_watchdog.sockets import (
+    SO_RXQ_OVFL,
+    bind_udp,
+    bind_unix,
+    inherited_unix_socket,
+    is_socket,
+    set_rcvbuf,
+)
+from support import free_udp_port
 
 
 @pytest.fixture
@@ -75,7 +85,7 @@ def test_abstract_name(path: str) -> None:
 
 CHILD = """
 import json, sys
-from circus_watchdog.inherit import inherited_unix_socket
+from circus_watchdog.sockets import inherited_unix_socket
 sock = inherited_unix_socket(sys.argv[1])
 data = sock.recv(100) if sock is not None else b""
 print(json.dumps([sock is not None, data.decode()]))
@@ -96,3 +106,47 @@ def test_a_child_process_adopts_the_socket_it_inherits(path: str) -> None:
             check=True,
         ).stdout
     assert json.loads(out) == [True, "WATCHDOG=1"]
+
+
+# -- binding -----------------------------------------------------------------
+
+
+def test_is_socket(path: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with bound(path):
+        assert is_socket(path)
+    assert not is_socket(str(tmp_path / "file"))
+    assert not is_socket(str(tmp_path / "none"))
+
+
+def test_bind_unix_replaces_a_stale_socket_never_a_file(
+    path: str, tmp_path: Path
+) -> None:
+    bound(path).close()  # a previous run's socket, left behind
+    config = Config.from_options({"unix_socket": path, "rcvbuf": "64K"})
+    with bind_unix(config) as sock:
+        assert sock.getsockname() == path and sock.getblocking() is False
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 1
+        assert os.stat(path).st_mode & 0o777 == 0o666
+    plain = tmp_path / "plain"
+    plain.write_text("keep me")
+    with pytest.raises(OSError, match=f"cannot bind unix_socket {plain}"):
+        bind_unix(Config.from_options({"unix_socket": str(plain)}))
+    assert plain.read_text() == "keep me"
+
+
+def test_bind_udp_sees_drops_and_names_a_taken_port() -> None:
+    port = free_udp_port()
+    config = Config.from_options({"port": str(port), "rcvbuf": "64K"})
+    with bind_udp(config) as sock:
+        assert sock.getsockname() == ("127.0.0.1", port)
+        assert sock.getsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL) == 1
+        with pytest.raises(OSError, match=f"ip 127.0.0.1 port {port}: "):
+            bind_udp(config)
+
+
+def test_set_rcvbuf_returns_what_the_kernel_granted() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        granted = set_rcvbuf(sock, 64 * 1024)
+        assert granted == sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+        assert granted > 0

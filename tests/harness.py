@@ -1,6 +1,7 @@
-"""What the tests, the benchmarks and the demo share: a real circusd and a
-running ``circus-watchdog`` on free loopback ports, and readers for the
-watchdog's ``/status`` and ``/metrics``.
+"""What the tests and the benchmarks share: a real circusd and a running
+``circus-watchdog`` on free loopback ports, and readers for the watchdog's
+``/status`` and ``/metrics``. Tests import these names through ``support``;
+the benchmarks (``bench/e2e``) import this module as ``harness``.
 
 ``start_circusd(workdir, sections)`` writes ``workdir/circus.ini`` (free
 loopback ports, no statsd, httpd or multicast discovery) with the given
@@ -14,13 +15,12 @@ stops every circusd it started, and everything they started, on exit::
         circusd.wait_for(lambda: len(circusd.pids("app")) == 2, timeout=5)
 
 ``standalone_pool(workdir)`` does the same for the ``circus-watchdog`` command.
-Only loopback is ever used. psutil (a test extra) is imported only by the
-helpers that end processes, so importing this module does not need it.
+Only loopback is ever used. ``free_ports`` and ``fetch_status`` are the
+demo's own (`circus_watchdog.demo`), re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -31,11 +31,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
+import psutil
 from circus.client import CircusClient
 from prometheus_client.parser import text_string_to_metric_families
+
+from circus_watchdog.demo import fetch_status, free_ports
 
 T = TypeVar("T")
 
@@ -53,28 +55,7 @@ STANDALONE_EXIT_BOUND = 5.0  # seconds to exit after a signal
 STANDALONE_START_BOUND = 15.0  # seconds for the command to answer on its metrics port
 
 
-def _psutil() -> ModuleType:
-    # Lazy: psutil is a test extra, and only ending processes needs it.
-    import psutil  # noqa: PLC0415
-
-    module: ModuleType = psutil
-    return module
-
-
 # -- ports and polling ---------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    # Hold every socket until all are bound so the ports are distinct.
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def free_port() -> int:
@@ -90,9 +71,16 @@ def free_udp_port() -> int:
         return port
 
 
+def scaled(seconds: float) -> float:
+    """``seconds`` times CIRCUS_WATCHDOG_TEST_SLACK (default 1): the one factor
+    by which a slow or loaded machine stretches every wait and timing bound."""
+    return seconds * float(os.environ.get("CIRCUS_WATCHDOG_TEST_SLACK") or 1)
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
     """Poll ``predicate`` until it is truthy and return its value;
-    AssertionError after ``timeout`` seconds."""
+    AssertionError after ``scaled(timeout)`` seconds."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / interval) + 2):
         value = predicate()
@@ -167,7 +155,6 @@ class Circusd:
 
     def stop(self) -> None:
         """Quit circusd (SIGKILL if it lingers) and end every process it started."""
-        psutil = _psutil()
         if self.proc.poll() is None:
             self.orphans += _descendants(self.proc.pid)
             try:
@@ -211,7 +198,6 @@ class Circusd:
 
 
 def _descendants(pid: int) -> list[Any]:
-    psutil = _psutil()
     try:
         return list(psutil.Process(pid).children(recursive=True))
     except psutil.NoSuchProcess:
@@ -314,15 +300,6 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> bytes | None:
             return body
     except OSError:
         return None
-
-
-def fetch_status(port: int) -> dict[str, Any] | None:
-    """The watchdog's /status JSON, or None while it does not answer."""
-    body = http_get(port, "/status")
-    if body is None:
-        return None
-    status: dict[str, Any] = json.loads(body)
-    return status
 
 
 def series_key(name: str, labels: dict[str, str]) -> str:
