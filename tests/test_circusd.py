@@ -213,6 +213,57 @@ def test_late_reply_is_dropped(loop_factory: LoopFactory, circusd: Circusd) -> N
     run(loop_factory, main())
 
 
+class _BrokenOnce(dict):  # type: ignore[type-arg]
+    """The pending-replies map, whose first lookup raises: a reader bug."""
+
+    broken = True
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("a bug in the reply reader")
+        return super().get(key, default)
+
+
+def test_a_failed_reader_is_logged_and_reconnects(
+    loop_factory: LoopFactory, circusd: Circusd, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        client = CommandClient(
+            circusd.endpoint,
+            on_connect=lambda: seen.append("connect"),
+            on_disconnect=lambda: seen.append("disconnect"),
+        )
+        await client.start()
+        try:
+            await client.call("list")
+            client._pending = _BrokenOnce(client._pending)
+            with pytest.raises(CircusError) as info:
+                await client.call("list")
+            assert not isinstance(info.value, CallTimeout)  # at once, no timeout
+            assert info.value.reason == "the connection was reset"
+            # The reconnect path: a new socket that answers.
+            assert "watchers" in await client.call("list")
+            for _ in range(100):
+                if seen[-1:] == ["connect"] and "disconnect" in seen:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await client.close()
+
+    with caplog.at_level("ERROR", "circus_watchdog.circusd"):
+        run(loop_factory, main())
+    assert "disconnect" in seen and seen[-1] == "connect", seen
+    failed = [
+        r
+        for r in caplog.records
+        if "reading circusd's replies failed" in r.getMessage()
+    ]
+    assert len(failed) == 1 and "a bug in the reply reader" in caplog.text
+
+
 def test_nothing_listening(loop_factory: LoopFactory) -> None:
     async def main() -> None:
         client = CommandClient(f"tcp://127.0.0.1:{free_port()}", timeout=0.5)

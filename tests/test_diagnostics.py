@@ -24,13 +24,13 @@ from circus_watchdog.diagnostics import (
     KillLog,
     KillReport,
     Snapshot,
+    Why,
     capture_line,
     kill_line,
 )
 from circus_watchdog.metrics import Metrics
 from circus_watchdog.procfs import read_stat
-from circus_watchdog.sampler import CpuSampler
-from procs import BOUND, Children, FakeTable, state_of
+from procs import BOUND, Children, state_of
 from support import run, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -48,35 +48,31 @@ def spawn() -> Iterator[Children]:
 # -- snapshots of real processes ----------------------------------------------
 
 
-def test_busy_loop_is_running_and_uses_cpu_since_its_beat(spawn):  # type: ignore[no-untyped-def]
+def test_busy_loop_is_running_and_uses_cpu_since_it_started(spawn):  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
     pid = spawn.start(sys.executable, "-c", "while True: pass")
     wait_for(lambda: state_of(pid) == "R", timeout=BOUND)
-    sampler = CpuSampler(period=0.1, tick=0.1)
-    table = FakeTable({pid: 100.0})
-    t0 = time.monotonic()
-    sampler.sample(table, t0)
     time.sleep(1.0)
-    snap = Snapshot.take(pid, sampler.baseline(pid), time.monotonic())
+    snap = Snapshot.take(pid)
+    age = time.monotonic() - t0
     assert snap.state == "R"
-    assert snap.cpu_window is not None and snap.cpu_window >= 1.0
-    assert snap.cpu_since_beat is not None
+    assert snap.cpu is not None
     # Shared cores: the loop gets part of the wall time, never more than it.
-    assert 0.1 < snap.cpu_since_beat <= snap.cpu_window + 0.05
+    assert 0.1 < snap.cpu <= age + 0.05
     assert snap.threads == 1 and snap.rss and snap.fds
     assert snap.describe().startswith("running, ")
+    assert f"{snap.cpu:.2f} s CPU since it started, 1 thread, " in snap.describe()
 
 
-def test_sleeping_process_uses_no_cpu(spawn):  # type: ignore[no-untyped-def]
+def test_sleeping_process_uses_little_cpu(spawn):  # type: ignore[no-untyped-def]
     pid = spawn.start("sleep", "60")
     wait_for(lambda: state_of(pid) == "S", timeout=BOUND)
-    sampler = CpuSampler(period=0.1, tick=0.1)
-    sampler.sample(FakeTable({pid: 5.0}), time.monotonic())
+    before = Snapshot.take(pid)
     time.sleep(0.3)
-    snap = Snapshot.take(pid, sampler.baseline(pid), time.monotonic())
+    snap = Snapshot.take(pid)
     assert snap.state == "S"
-    assert snap.cpu_since_beat == 0.0
+    assert snap.cpu is not None and snap.cpu == before.cpu  # none while asleep
     assert snap.describe().startswith("sleeping")
-    assert "0.00 s CPU since its last heartbeat, 1 thread, " in snap.describe()
 
 
 def test_stopped_process(spawn):  # type: ignore[no-untyped-def]
@@ -120,13 +116,15 @@ def test_gone_pid_is_all_none(spawn):  # type: ignore[no-untyped-def]
 
 
 def test_describe_reads_at_a_glance():  # type: ignore[no-untyped-def]
-    snap = Snapshot(4242, "S", "futex_wait_queue", 0.0, 15.0, 12, 180_000_000, 9)
-    assert kill_line("web", 4242, 15.24, 15, snap) == (
-        "killing web pid 4242: silent 15.2 s (timeout 15 s); sleeping in "
-        "futex_wait_queue, 0.00 s CPU since its last heartbeat, 12 threads, "
+    snap = Snapshot(4242, "S", "futex_wait_queue", 0.02, 12, 180_000_000, 9)
+    detail = "ran 0.00 s and waited 0.00 s for a CPU in the last 1.00 s"
+    assert kill_line("web", 4242, Why(16.24, 15, 0.0, detail), snap) == (
+        "killing web pid 4242: silent 16.2 s (timeout 15 s); ran 0.00 s and "
+        "waited 0.00 s for a CPU in the last 1.00 s; sleeping in "
+        "futex_wait_queue, 0.02 s CPU since it started, 12 threads, "
         "180 MB, 9 open fds"
     )
-    assert kill_line("web", 1, 3, 3, Snapshot(1, "R"), dry_run=True) == (
+    assert kill_line("web", 1, Why(3, 3, 0.0), Snapshot(1, "R"), dry_run=True) == (
         "dry run: would kill web pid 1: silent 3.0 s (timeout 3 s); running"
     )
     assert snap.as_dict()["wchan"] == "futex_wait_queue"
@@ -149,7 +147,8 @@ def test_kill_log_is_bounded_and_newest_first():  # type: ignore[no-untyped-def]
         "watcher": "w",
         "silent_for": 3.0,
         "state": "S",
-        "cpu_since_beat": 0.0,
+        "cpu": 0.0,
+        "why": "",
         "capture": None,
         "outcome": "killed",
     }
@@ -179,10 +178,11 @@ def test_before_kill_writes_snapshot_and_capture(loop_factory, spawn, tmp_path):
     )
     metrics = Metrics()
     diag = Diagnostics(config, metrics, local=True)
-    diag.tick(FakeTable({pid: time.monotonic()}), time.monotonic())
     report = run(
         loop_factory,
-        diag.before_kill(pid, "web", 3.0, time.monotonic() + 3.5, dry_run=False),
+        diag.before_kill(
+            pid, "web", Why(3.5, 3.0, time.monotonic() + 3.5), dry_run=False
+        ),
     )
     assert report.snapshot.state == "S" and report.silent_for >= 3.5
     assert report.capture is not None
@@ -236,15 +236,17 @@ def test_killer_inspects_only_children_of_circusd(  # type: ignore[no-untyped-de
     registry.apply_listing({"web": [pid]}, 0.0, fresh=True)
     # Another pid namespace looks like this: circusd's pid is not the parent.
     client = Dstats(os.getpid() if circusd_is_parent else 1)
-    killer = Killer(client, registry, Metrics(), config, local=True)  # type: ignore[arg-type]
+    metrics = Metrics()
+    diagnostics = Diagnostics(config, metrics, local=True)
+    killer = Killer(client, registry, metrics, config, diagnostics, local=True)  # type: ignore[arg-type]
 
     async def dry_run() -> None:
-        killer.kill(pid, "web", 5.0, dry_run=True)
+        killer.kill(pid, "web", Why(3.0, 3.0, 5.0), dry_run=True)
         await asyncio.gather(*killer._tasks)
 
     with caplog.at_level(logging.WARNING, "circus.watchdog"):
         run(asyncio.new_event_loop, dry_run())
-    kill = killer.diagnostics.recent_kills()[0]
+    kill = diagnostics.recent_kills()[0]
     assert (kill["pid"], kill["outcome"]) == (pid, "dry_run")
     assert client.calls == ["dstats"]
     if circusd_is_parent:
@@ -269,7 +271,9 @@ def test_a_capture_is_one_log_line(loop_factory, spawn, tmp_path, caplog, keep):
     with caplog.at_level(logging.INFO, "circus.watchdog"):
         report = run(
             loop_factory,
-            diag.before_kill(pid, "web", 3.0, time.monotonic(), dry_run=False),
+            diag.before_kill(
+                pid, "web", Why(3.0, 3.0, time.monotonic()), dry_run=False
+            ),
         )
     output = f"frame one\nframe two of {pid}\n"
     messages = [r.getMessage() for r in caplog.records]

@@ -379,7 +379,7 @@ numprocesses = 1
         wait_for(lambda: kills("hang") >= 1, timeout=5 * TIMEOUT)
 
         def held() -> float:
-            return metric(wd.metrics(), "kills_held_total")
+            return metric(wd.metrics(), "kills_held_total", reason="storm")
 
         relay.pause()
         wait_for(lambda: held() >= 4, 3 * TIMEOUT)

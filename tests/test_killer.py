@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 
 from circus_watchdog import killer as killer_module
+from circus_watchdog.diagnostics import Diagnostics, Why
 from circus_watchdog.killer import Killer, is_local_endpoint
 from circus_watchdog.metrics import Metrics
 from circus_watchdog.registry import Registry
@@ -26,12 +27,13 @@ def make(core: ModuleType, watchers: dict[str, list[int]], *, local: bool, **opt
     registry = Registry(core.HeartbeatTable(cfg.timeout, cfg.tick), cfg, self_pids=[])
     registry.apply_listing(watchers, 0.0, fresh=True)
     fake = FakeCircusd(watchers)
-    return Killer(fake, registry, Metrics(), cfg, local=local), fake
+    metrics = Metrics()
+    diagnostics = Diagnostics(cfg, metrics, local=local)
+    return Killer(fake, registry, metrics, cfg, diagnostics, local=local), fake
 
 
 async def kill_and_wait(killer: Killer, pid: int, watcher: str, **kw: bool) -> None:
-    killer.registry.table.remove(pid)  # expired: the policy chose it
-    killer.kill(pid, watcher, 1.0, **kw)
+    killer.kill(pid, watcher, Why(3.0, 3.0, 1.0), **kw)
     await asyncio.gather(*killer._tasks)
 
 
@@ -71,12 +73,34 @@ def test_local_circusd_with_a_pid_we_cannot_see_asks_circusd(core: ModuleType) -
     assert ("list", {"name": "web"}) in fake.calls
 
 
-def test_dry_run_kills_nothing_and_rearms(core: ModuleType) -> None:
+def test_dry_run_kills_nothing_and_leaves_the_pid_watched(core: ModuleType) -> None:
     killer, fake = make(core, {"web": [10]}, local=False)
     asyncio.run(kill_and_wait(killer, 10, "web", dry_run=True))
     assert killer.metrics.would_kill == 1 and not killer.metrics.kills
     assert not [c for c in fake.calls if c[0] == "kill"]
-    assert 10 in killer.registry.table
+    assert 10 in killer.registry.table and killer.registry.killing == []
+
+
+def test_a_kill_task_that_fails_is_logged(
+    core: ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
+    killer, fake = make(core, {"web": [10]}, local=False)
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the kill path")
+
+    killer._call_kill = broken  # type: ignore[method-assign]
+
+    async def kill_then_settle() -> None:
+        killer.kill(10, "web", Why(3.0, 3.0, 1.0), dry_run=False)
+        await asyncio.gather(*killer._tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the done callback runs
+
+    with caplog.at_level("ERROR", "circus.watchdog"):
+        asyncio.run(kill_then_settle())
+    failed = [r for r in caplog.records if r.getMessage() == "a kill task failed"]
+    assert len(failed) == 1 and "a bug in the kill path" in caplog.text
+    assert killer.registry.killing == []  # end_kill ran all the same
 
 
 def test_kill_passes_the_stop_signal_and_graceful_timeout(core: ModuleType) -> None:

@@ -91,7 +91,8 @@ def test_every_series_with_its_type_and_value() -> None:
     m.count_drain(DrainCounts(10, 6, 3, 1, 0))
     m.kills["web"] += 2
     m.kills['we"ird'] += 1  # a watcher gone since: its count stays
-    m.would_kill, m.kills_held, m.stalls, m.resyncs = 5, 6, 8, 9
+    m.would_kill, m.stalls, m.resyncs = 5, 8, 9
+    m.kills_held["starved"] += 6
     m.kill_failures, m.captures = 11, 12
     m.capture_failures["timeout"] += 3
     text = exposition(m, readings)
@@ -116,7 +117,6 @@ def test_every_series_with_its_type_and_value() -> None:
         "kernel_drops_total": 4,
         "control_truncated_total": 1,
         "would_kill_total": 5,
-        "kills_held_total": 6,
         "stalls_total": 8,
         "resyncs_total": 9,
         "kill_failures_total": 11,
@@ -127,6 +127,19 @@ def test_every_series_with_its_type_and_value() -> None:
     }
     for name, value in expected.items():
         assert values[("circus_watchdog_" + name, no)] == value, name
+    held = {
+        labels: v
+        for (name, labels), v in values.items()
+        if name == "circus_watchdog_kills_held_total"
+    }
+    # Every reason is present from the first scrape, at 0 until counted.
+    assert held == {
+        (("reason", "stall"),): 0,
+        (("reason", "kernel_drops"),): 0,
+        (("reason", "storm"),): 0,
+        (("reason", "starved"),): 6,
+        (("reason", "traced"),): 0,
+    }
     kills = {
         labels: v
         for (name, labels), v in values.items()

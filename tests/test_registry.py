@@ -92,8 +92,7 @@ def test_a_failed_listing_forgets_its_churn(registry: Registry) -> None:
 
 def test_a_killed_pid_still_listed_is_not_relearnt(registry: Registry) -> None:
     registry.apply_listing({"web": [10, 11]}, T0, fresh=True)
-    registry.table.remove(10)  # expired: the policy chose it
-    registry.start_kill(10, "web")
+    registry.start_kill(10, "web")  # the policy chose it
     assert registry.killing == [10]
     registry.apply_listing({"web": [10, 11]}, T0 + 4, fresh=True)  # being killed
     assert 10 not in registry.table
@@ -108,10 +107,9 @@ def test_a_killed_pid_still_listed_is_not_relearnt(registry: Registry) -> None:
 
 def test_a_reused_pid_spawned_again_is_monitored(registry: Registry) -> None:
     registry.apply_listing({"web": [10]}, T0, fresh=True)
-    registry.table.remove(10)
     registry.start_kill(10, "web")
     registry.end_kill(10)
-    registry.rearm(10, "web", T0 + 4)  # a late re-arm cannot bring it back
+    registry.rearm(10, T0 + 4)  # a late re-arm cannot bring it back
     assert 10 not in registry.table
     registry.apply_event("web", "spawn", 10, T0 + 5)
     assert monitored(registry) == {10: "web"}
@@ -138,7 +136,73 @@ def test_per_watcher_timeouts_are_set(registry: Registry) -> None:
     registry.apply_listing({"slow": [10], "web": [11]}, T0, fresh=True)
     assert registry.table.watcher_timeout("slow") == 10
     assert registry.table.watcher_timeout("web") == 3
-    assert registry.table.expire(T0 + 3.5) == [(11, "web")]
+    assert [(p, late.watcher) for p, late in registry.expire(T0 + 3.5)] == [(11, "web")]
+
+
+# -- late pids: expiry, re-arms, holds, resumption --------------------------------
+
+
+def test_the_registry_owns_expiry(registry: Registry) -> None:
+    registry.apply_listing({"web": [10, 11], "slow": [12]}, T0, fresh=True)
+    registry.table.beat(11, T0 + 2)
+    expired = registry.expire(T0 + 3.5)
+    assert [p for p, _ in expired] == [10]
+    ((pid, late),) = expired
+    # Out of the table, but not unknown: late, with its watcher's timeout
+    # (the table's: one source) and its last heartbeat.
+    assert 10 not in registry.table and registry.late(10) is late
+    assert (late.watcher, late.timeout, late.since) == ("web", 3.0, T0 + 0.5)
+    assert registry.late_count == 1 and registry.killing == []
+    registry.rearm(10, T0 + 3.5)
+    assert 10 in registry.table and registry.late_count == 1
+
+
+def test_a_rearmed_pid_is_late_until_it_beats(registry: Registry) -> None:
+    registry.apply_listing({"web": [10]}, T0, fresh=True)
+    registry.expire(T0 + 3.5)
+    registry.rearm(10, T0 + 3.5)
+    assert registry.resumed() == []
+    # /status's age: the real time since its last heartbeat, not since the
+    # re-arm.
+    assert registry.last_heartbeat(10) == T0 + 0.5
+    assert registry.hold(10, "storm", T0 + 3.5) is True
+    assert registry.hold(10, "storm", T0 + 6.6) is False  # the same hold
+    assert [p for p, _ in registry.held()] == [10]
+    # Silent again: it expires again, still the same late record.
+    again = registry.expire(T0 + 6.7)
+    assert [p for p, _ in again] == [10] and again[0][1].held_since == T0 + 3.5
+    registry.rearm(10, T0 + 6.7)
+    registry.table.beat(10, T0 + 7.0)
+    back = registry.resumed()
+    assert [(p, late.reason) for p, late in back] == [(10, "storm")]
+    assert registry.late(10) is None and registry.held() == []
+    assert registry.last_heartbeat(10) == T0 + 7.0
+
+
+def test_late_pids_leave_with_their_process(registry: Registry) -> None:
+    registry.apply_listing({"web": [10, 11, 12]}, T0, fresh=True)
+    registry.expire(T0 + 3.5)
+    for pid in (10, 11, 12):
+        registry.rearm(pid, T0 + 3.5)
+    registry.apply_event("web", "reap", 10, T0 + 4)
+    registry.apply_listing({"web": [12]}, T0 + 4, fresh=False)  # 11 gone
+    assert registry.late(10) is None and registry.late(11) is None
+    assert registry.late_count == 1
+    registry.start_kill(12, "web")
+    assert registry.late_count == 0 and 12 not in registry.table
+    registry.apply_listing({"web": [13]}, T0 + 5, fresh=False)
+    registry.expire(T0 + 8.6)
+    registry.apply_listing({"web": [13]}, T0 + 9, fresh=True)  # reconnected
+    assert registry.late_count == 0  # every timeout restarts
+
+
+def test_an_evidence_window_rearms_for_a_tick(registry: Registry) -> None:
+    registry.apply_listing({"web": [10]}, T0, fresh=True)
+    registry.expire(T0 + 3.5)
+    registry.rearm(10, T0 + 3.5, window=0.1, reading="first")
+    assert registry.late(10).reading == "first"  # type: ignore[union-attr]
+    assert registry.expire(T0 + 3.55) == []
+    assert [p for p, _ in registry.expire(T0 + 3.65)] == [10]
 
 
 def test_events_with_bad_pids_are_ignored(registry: Registry) -> None:

@@ -98,7 +98,10 @@ class CommandClient:
     """Calls circusd commands over one DEALER socket that reconnects by itself.
 
     While circusd is down, commands are not queued for the next circusd: they
-    fail with `CallTimeout`.
+    fail with `CallTimeout`.  Should the task that reads the replies fail (a
+    bug, or a socket error), the failure is logged and the client reconnects
+    on a new socket, as after a lost connection: the calls in flight fail with
+    `CircusError`, ``on_disconnect`` then ``on_connect`` are called.
     """
 
     def __init__(
@@ -123,6 +126,9 @@ class CommandClient:
 
     async def start(self) -> None:
         """Connect and start dispatching replies and connection events."""
+        self._open()
+
+    def _open(self) -> None:
         sock = _new_socket(self._context, zmq.DEALER)
         # Queue only on a live connection: a command sent while circusd is down
         # must time out here, not run on the next circusd on stale state.
@@ -169,10 +175,18 @@ class CommandClient:
 
     async def close(self) -> None:
         """Stop the tasks and close the sockets."""
+        tasks = self._tasks
+        self._close_sockets()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_context and not self._context.closed:
+            self._context.term()
+
+    def _close_sockets(self) -> None:
+        current = asyncio.current_task()
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+            if task is not current:
+                task.cancel()
+        self._tasks = []
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(linger=0)
@@ -180,8 +194,19 @@ class CommandClient:
         if self._monitor is not None:
             self._monitor.close(linger=0)
             self._monitor = None
-        if self._own_context and not self._context.closed:
-            self._context.term()
+
+    def _reconnect(self) -> None:
+        """The reader failed: start over on a new socket (logged by the caller)."""
+        self._close_sockets()
+        for reply in self._pending.values():
+            if not reply.done():
+                reply.set_exception(CircusError("reply", "the connection was reset"))
+        if self._on_disconnect is not None:
+            try:
+                self._on_disconnect()
+            except Exception:
+                logger.exception("connection callback failed")
+        self._open()
 
     async def _send(self, msg: dict[str, Any]) -> None:
         if self._sock is None:
@@ -195,6 +220,13 @@ class CommandClient:
         return await reply
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        try:
+            await self._dispatch(sock)
+        except Exception:
+            logger.exception("reading circusd's replies failed: reconnecting")
+            self._reconnect()
+
+    async def _dispatch(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart()
             try:

@@ -6,9 +6,10 @@ Before each kill (and each dry-run "would kill") the killer calls
 1. takes a ``Snapshot`` of the pid, where circusd runs on this host and the
    pid is its child: what ``/proc`` says (``procfs``: the state letter R, S,
    D, T, t, Z, ``wchan``, threads, RSS, open descriptors) and the CPU seconds
-   it used since its last heartbeat (against the baseline of ``sampler``).
-   Any part that cannot be read is None, never an exception;
-2. logs the kill line (``kill_line``): who, how long silent, the snapshot;
+   it used since it started.  Any part that cannot be read is None, never an
+   exception;
+2. logs the kill line (``kill_line``): who, how long silent, why (the
+   evidence over its last tick, see `evidence`, and any hold), the snapshot;
 3. runs ``diagnostic_command`` (``capture.CaptureRunner``);
 4. writes the capture file (``capture.CaptureStore``): the kill line, the
    snapshot and the command's output;
@@ -31,11 +32,10 @@ import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .capture import Capture, CaptureCounts, CaptureRunner, CaptureStore
 from .procfs import PROC, count_fds, read_stat, read_wchan
-from .sampler import Baseline, CpuSampler, Table
 
 if TYPE_CHECKING:
     from .config import Config
@@ -77,36 +77,22 @@ class Snapshot:
     pid: int
     state: str | None = None
     wchan: str | None = None
-    cpu_since_beat: float | None = None
-    cpu_window: float | None = None  # seconds that cpu_since_beat covers
+    cpu: float | None = None  # seconds of CPU since it started
     threads: int | None = None
     rss: int | None = None  # bytes
     fds: int | None = None
 
     @classmethod
-    def take(
-        cls,
-        pid: int,
-        baseline: Baseline | None = None,
-        now: float | None = None,
-        proc: str = PROC,
-    ) -> Snapshot:
-        """Read ``pid`` now; ``baseline`` (taken at ``baseline.at``) gives the
-        CPU since its last heartbeat."""
+    def take(cls, pid: int, proc: str = PROC) -> Snapshot:
+        """Read ``pid`` now."""
         stat = read_stat(pid, proc)
         if stat is None:
             return cls(pid)
-        cpu = window = None
-        if baseline is not None and baseline.start == stat.start:
-            cpu = round(max(0.0, stat.cpu - baseline.cpu), 2)
-            if now is not None:
-                window = round(max(0.0, now - baseline.at), 3)
         return cls(
             pid,
             stat.state,
             read_wchan(pid, proc),
-            cpu,
-            window,
+            round(stat.cpu, 2),
             stat.threads,
             stat.rss,
             count_fds(pid, proc),
@@ -120,8 +106,8 @@ class Snapshot:
         if self.wchan is not None and self.state in "SD":
             words += f" in {self.wchan}"
         parts = [words]
-        if self.cpu_since_beat is not None:
-            parts.append(f"{self.cpu_since_beat:.2f} s CPU since its last heartbeat")
+        if self.cpu is not None:
+            parts.append(f"{self.cpu:.2f} s CPU since it started")
         if self.threads is not None:
             parts.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}")
         if self.rss is not None:
@@ -135,20 +121,24 @@ class Snapshot:
         return asdict(self)
 
 
+class Why(NamedTuple):
+    """Why a pid is killed, as its kill line says it."""
+
+    silent_for: float  # seconds since its last heartbeat
+    timeout: float  # its watcher's timeout
+    now: float  # monotonic time of the decision
+    detail: str = ""  # the evidence and the hold, if any
+
+
 def kill_line(
-    watcher: str,
-    pid: int,
-    silent_for: float,
-    timeout: float,
-    snapshot: Snapshot,
-    *,
-    dry_run: bool = False,
+    watcher: str, pid: int, why: Why, snapshot: Snapshot, *, dry_run: bool = False
 ) -> str:
-    """The log line of a kill: who, how long silent, and the snapshot."""
+    """The log line of a kill: who, how long silent, why, and the snapshot."""
     verb = "dry run: would kill" if dry_run else "killing"
+    detail = f"; {why.detail}" if why.detail else ""
     return (
-        f"{verb} {watcher} pid {pid}: silent {silent_for:.1f} s "
-        f"(timeout {timeout:g} s); {snapshot.describe()}"
+        f"{verb} {watcher} pid {pid}: silent {why.silent_for:.1f} s "
+        f"(timeout {why.timeout:g} s){detail}; {snapshot.describe()}"
     )
 
 
@@ -214,6 +204,7 @@ class KillReport:
     silent_for: float  # seconds since its last heartbeat
     snapshot: Snapshot
     capture: str | None  # path of the capture file
+    why: str = ""  # the evidence and the hold, as in the kill line
 
 
 class KillLog:
@@ -236,7 +227,8 @@ class KillLog:
                 "watcher": watcher,
                 "silent_for": round(report.silent_for, 3),
                 "state": snapshot.state,
-                "cpu_since_beat": snapshot.cpu_since_beat,
+                "cpu": snapshot.cpu,
+                "why": report.why,
                 "capture": report.capture,
                 "outcome": outcome,
             }
@@ -261,7 +253,6 @@ class Diagnostics:
         # Only where circusd runs on this host are its pids ours to inspect.
         self.local = local and os.path.isdir(proc)
         self.proc = proc
-        self.sampler = CpuSampler(config.loop_rate / 2, config.tick, proc)
         self.runner = (
             CaptureRunner(
                 config.diagnostic_command,
@@ -285,17 +276,11 @@ class Diagnostics:
                 config.endpoint,
             )
 
-    def tick(self, table: Table, now: float) -> None:
-        """Refresh a slice of the CPU baselines (call once per tick)."""
-        if self.local:
-            self.sampler.sample(table, now)
-
     async def before_kill(
         self,
         pid: int,
         watcher: str,
-        timeout: float,
-        now: float,
+        why: Why,
         *,
         dry_run: bool,
         inspect: bool = True,
@@ -309,13 +294,9 @@ class Diagnostics:
         """
         inspect = inspect and self.local
         when = time.time()
-        base = self.sampler.baseline(pid)
-        self.sampler.forget(pid)
-        silent = timeout if base is None else max(timeout, now - base.beat)
-        snapshot = (
-            Snapshot.take(pid, base, now, self.proc) if inspect else Snapshot(pid)
-        )
-        line = kill_line(watcher, pid, silent, timeout, snapshot, dry_run=dry_run)
+        silent = why.silent_for
+        snapshot = Snapshot.take(pid, self.proc) if inspect else Snapshot(pid)
+        line = kill_line(watcher, pid, why, snapshot, dry_run=dry_run)
         logger.warning("%s", line)
         capture = None
         if inspect and self.runner is not None:
@@ -326,7 +307,7 @@ class Diagnostics:
             path = await asyncio.to_thread(self.store.write, when, watcher, pid, body)
         if capture is not None and capture.outcome == "made":
             logger.info("%s", capture_line(watcher, pid, capture, path))
-        return KillReport(when, silent, snapshot, path)
+        return KillReport(when, silent, snapshot, path, why.detail)
 
     def record(self, pid: int, watcher: str, report: KillReport, outcome: str) -> None:
         """Add a kill to ``recent_kills`` (``outcome``: killed, failed, dry_run);

@@ -3,12 +3,14 @@
 Data flows one way::
 
     sockets -> receiver -> table (core)            heartbeats
-    tick -> table.expire -> policy -> killer -> circusd
+    tick -> registry.expire -> policy -> (evidence) -> killer -> circusd
     circusd list/events -> sync -> registry -> table
 
 Each part owns its state: the table the timing of every monitored pid, the
-registry every pid's lifecycle, sync whether circusd is connected, the policy
-its holds, the killer its kills under way, ``Metrics`` the counters.
+registry every pid's lifecycle (late and held pids included), sync whether
+circusd is connected, the policy its storm window, the killer its kills under
+way, ``Metrics`` the counters.  The engine carries out each tick's decision
+(holds are logged by `holds.HoldLog`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from . import __version__
 from ._core import HeartbeatTable, compiled
 from .circusd import CommandClient, EventSubscriber
 from .config import Config
+from .diagnostics import Diagnostics, Why
+from .evidence import READINGS_PER_TICK, Examiner
+from .holds import HoldLog
 from .killer import Killer, is_local_endpoint
 from .metrics import Metrics, Readings, make_registry, serve_http
 from .policy import KillPolicy
@@ -63,13 +68,15 @@ class Watchdog:
         self.table = HeartbeatTable(config.timeout, config.tick)
         self.metrics = Metrics()
         self.registry = Registry(self.table, config, self_pids={os.getpid()})
+        local = is_local_endpoint(config.endpoint)
+        self.examiner = Examiner(local=local)
         self.policy = KillPolicy(
             config.timeout,
             storm_guard=config.storm_guard,
             max_kill_fraction=config.max_kill_fraction,
             storm_floor=config.storm_floor,
             dry_run=config.dry_run,
-            timeout_of=config.timeout_of,
+            evidence=self.examiner.on,
         )
         self.receiver = Receiver(config, self.table, self.metrics)
         self.client = CommandClient(
@@ -85,11 +92,17 @@ class Watchdog:
             endpoint=config.endpoint,
             resync_interval=config.resync_interval,
         )
-        local = is_local_endpoint(config.endpoint)
+        self.diagnostics = Diagnostics(config, self.metrics, local=local)
         self.killer = Killer(
-            self.client, self.registry, self.metrics, config, local=local
+            self.client,
+            self.registry,
+            self.metrics,
+            config,
+            self.diagnostics,
+            local=local,
         )
         self.info = version_info(loop_name)
+        self.holds = HoldLog()
         self._drops_at_tick = 0  # the table's kernel drop count at the last tick
 
     @property
@@ -108,6 +121,7 @@ class Watchdog:
         events = EventSubscriber(self.config.pubsub_endpoint)
         server: asyncio.Server | None = None
         tasks: list[asyncio.Task[None]] = []
+        started = False
         try:
             server = await self._serve_metrics()
             await events.start()
@@ -119,6 +133,7 @@ class Watchdog:
                 asyncio.create_task(self.sync.run_resyncs(), name="resync"),
             ]
             self._log_start()
+            started = True
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
                 [stopper, *tasks], return_when=asyncio.FIRST_COMPLETED
@@ -138,7 +153,7 @@ class Watchdog:
             await events.close()
             await self.client.close()
             self.receiver.close()
-            logger.info("watchdog stopped")
+            logger.info("watchdog stopped" if started else "watchdog did not start")
 
     async def _serve_metrics(self) -> asyncio.Server | None:
         config = self.config
@@ -167,6 +182,12 @@ class Watchdog:
             config.tick,
             " (dry run: nothing will be killed)" if config.dry_run else "",
         )
+        if self.examiner.off is not None:
+            logger.warning(
+                "starved and traced checks off: %s; a silent pid is killed at "
+                "its timeout whatever it was doing",
+                self.examiner.off,
+            )
         if not compiled:
             logger.warning(
                 "running the pure-Python core (several times slower per heartbeat): %s",
@@ -193,21 +214,80 @@ class Watchdog:
         """Expire the silent pids and act on the policy's decision."""
         drops = self.table.kernel_drops - self._drops_at_tick
         self._drops_at_tick += drops
-        self.killer.diagnostics.tick(self.table, now)  # CPU-since-beat baselines
         if not self.sync.connected:
             return  # never kill on stale state: wait for a fresh list
-        silent = self.table.expire(now)
-        if not silent:
+        registry = self.registry
+        for pid, back in registry.resumed():
+            if back.reason is not None:
+                self.holds.ended(pid, back, now)
+        expired = registry.expire(now)
+        if expired:
+            decision = self.policy.decide(
+                now,
+                expired,
+                monitored=len(self.table) + len(expired),
+                silent=registry.late_count,
+                stalled=late,
+                dropped=drops,
+            )
+            self.metrics.stalls += decision.stalled
+            for pid, reason in decision.hold:
+                self.hold(pid, reason, now, decision.storm or _own(reason, drops))
+            for pid in decision.kill:
+                self.kill(pid, now, dry_run=decision.dry_run)
+            for pid in decision.watch:  # keeps its first reading
+                first = registry.late(pid)
+                reading = None if first is None else first.reading
+                registry.rearm(pid, now, self.table.tick / 2, reading)
+            self.examine(decision.examine, now, dry_run=decision.dry_run)
+        self.holds.flush()
+
+    def examine(self, pids: list[int], now: float, *, dry_run: bool) -> None:
+        """Read each late pid and watch it one more tick, hold it, or kill it.
+
+        At most READINGS_PER_TICK readings, second readings first; the rest
+        are deferred, half a tick's readings to each following tick.
+        """
+        tick = self.table.tick
+        window = tick / 2  # expires again on the next tick
+        late = [(p, r) for p in pids if (r := self.registry.late(p)) is not None]
+        if len(late) > READINGS_PER_TICK:  # finish what was begun first
+            late.sort(key=lambda item: item[1].reading is None)
+        for n, (pid, record) in enumerate(late):
+            if n >= READINGS_PER_TICK:
+                turn = (n - READINGS_PER_TICK) // (READINGS_PER_TICK // 2)
+                self.registry.rearm(pid, now, window + turn * tick, record.reading)
+                continue
+            found = self.examiner.examine(pid, record.watcher, record.reading, now)
+            if found.verdict == "watch":
+                self.registry.rearm(pid, now, window, found.reading)
+            elif found.reason is not None:
+                self.hold(pid, found.reason, now, found.words)
+            else:
+                self.kill(pid, now, dry_run=dry_run, detail=found.words)
+                self.policy.killed(now, 1)  # counts toward the storm guard
+
+    def hold(self, pid: int, reason: str, now: float, detail: str) -> None:
+        """Hold late ``pid``'s kill: a fresh deadline, counted, logged once."""
+        if self.registry.hold(pid, reason, now):
+            late = self.registry.late(pid)
+            assert late is not None
+            self.holds.started(pid, late, detail)
+        self.metrics.kills_held[reason] += 1
+        self.registry.rearm(pid, now)
+
+    def kill(self, pid: int, now: float, *, dry_run: bool, detail: str = "") -> None:
+        """Hand late ``pid`` to the killer (a dry run re-arms it)."""
+        late = self.registry.late(pid)
+        if late is None:
             return
-        decision = self.policy.decide(
-            now, silent, len(self.table), stalled=late, dropped=drops
-        )
-        self.metrics.stalls += decision.stalled
-        self.metrics.kills_held += decision.held
-        for pid, watcher in decision.rearm:
-            self.registry.rearm(pid, watcher, now)
-        for pid, watcher in decision.kill:
-            self.killer.kill(pid, watcher, now, dry_run=decision.dry_run)
+        if late.held_since is not None:
+            held = f"held {now - late.held_since:.1f} s ({late.reason})"
+            detail = f"{detail}; {held}" if detail else held
+        why = Why(now - late.since, late.timeout, now, detail)
+        self.killer.kill(pid, late.watcher, why, dry_run=dry_run)
+        if dry_run:
+            self.registry.rearm(pid, now)
 
     # -- reporting -----------------------------------------------------------
 
@@ -222,9 +302,10 @@ class Watchdog:
             control_truncated=getattr(self.table, "control_truncated", 0),
         )
 
-    def status(self) -> dict[str, Any]:
-        """The monitored pids with the age of their last heartbeat, as JSON data."""
-        now = time.monotonic()
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """The monitored pids with the age of their last heartbeat, and the
+        holds, as JSON data (``now``: monotonic, default the clock's)."""
+        now = time.monotonic() if now is None else now
         table = self.table
         metrics = self.metrics
         return {
@@ -237,9 +318,19 @@ class Watchdog:
                 {
                     "pid": pid,
                     "watcher": table.watcher_of(pid),
-                    "age": round(now - table.last_seen(pid), 4),
+                    "age": round(now - self.registry.last_heartbeat(pid), 4),
                 }
                 for pid in sorted(table.pids())
+            ],
+            "holds": [
+                {
+                    "pid": pid,
+                    "watcher": late.watcher,
+                    "reason": late.reason,
+                    "since": late.held_since,
+                    "silent_for": round(now - late.since, 4),
+                }
+                for pid, late in sorted(self.registry.held())
             ],
             "killing": self.registry.killing,
             "excluded": self.registry.excluded,
@@ -249,8 +340,9 @@ class Watchdog:
             "malformed": metrics.malformed,
             "kills": dict(metrics.kills),
             "would_kill": metrics.would_kill,
-            "kills_held": metrics.kills_held,
-            "recent_kills": self.killer.diagnostics.recent_kills(),
+            "kills_held": sum(metrics.kills_held.values()),
+            "kills_held_by_reason": dict(metrics.kills_held),
+            "recent_kills": self.diagnostics.recent_kills(),
         }
 
 
@@ -286,3 +378,10 @@ class _Summary:
             unknown,
             malformed,
         )
+
+
+def _own(reason: str, drops: int) -> str:
+    """Words for a hold on the watchdog's side: a stall or kernel drops."""
+    if reason == "stall":
+        return "the watchdog's own tick ran late"
+    return f"the kernel dropped {drops} datagram(s) since the last tick"

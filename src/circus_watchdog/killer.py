@@ -11,7 +11,8 @@ circusd answers ``kill`` once the process is gone (up to its
 graceful_timeout later, when it SIGKILLs), but it also answers "ok" for a pid
 it no longer knows, so every kill is verified: through the local ``/proc``
 where circusd runs on this host and in this pid namespace, else through
-circusd's own ``list``.  A dry run only reports.
+circusd's own ``list``.  A dry run only reports.  A kill task that fails
+(a bug: every expected failure is handled inside it) is logged, never lost.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from .circusd import CircusError
 from .config import Config
-from .diagnostics import Diagnostics, KillReport, Snapshot
+from .diagnostics import Diagnostics, KillReport, Snapshot, Why
 from .metrics import Metrics
 from .procfs import alive, parent_pid
 from .registry import Registry
@@ -65,6 +66,7 @@ class Killer:
         registry: Registry,
         metrics: Metrics,
         config: Config,
+        diagnostics: Diagnostics,
         *,
         local: bool,
     ) -> None:
@@ -73,20 +75,25 @@ class Killer:
         self.metrics = metrics
         self.config = config
         self.local = local  # circusd's pids are ours to check in /proc
-        self.diagnostics = Diagnostics(config, metrics, local=local)
+        self.diagnostics = diagnostics
         self._circusd_pid = 0  # as circusd's dstats last told it; 0: unknown
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def kill(self, pid: int, watcher: str, now: float, *, dry_run: bool) -> None:
-        """Kill ``pid`` (already out of the table), or in a dry run report it."""
+    def kill(self, pid: int, watcher: str, why: Why, *, dry_run: bool) -> None:
+        """Kill late ``pid`` (the registry hands it over), or in a dry run
+        report it (the caller re-arms it: it is reported again next timeout)."""
         if dry_run:
             self.metrics.would_kill += 1
-            self.registry.rearm(pid, watcher, now)  # report it again next timeout
         else:
             self.registry.start_kill(pid, watcher)
-        task = asyncio.create_task(self._kill(pid, watcher, now, dry_run))
+        task = asyncio.create_task(self._kill(pid, watcher, why, dry_run))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a kill task failed", exc_info=task.exception())
 
     async def close(self) -> None:
         """Cancel the kills under way."""
@@ -94,8 +101,8 @@ class Killer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _kill(self, pid: int, watcher: str, now: float, dry_run: bool) -> None:
-        report = await self._diagnose(pid, watcher, now, dry_run)
+    async def _kill(self, pid: int, watcher: str, why: Why, dry_run: bool) -> None:
+        report = await self._diagnose(pid, watcher, why, dry_run)
         if dry_run:
             self.diagnostics.record(pid, watcher, report, "dry_run")
             return
@@ -114,17 +121,16 @@ class Killer:
             self.registry.end_kill(pid)
 
     async def _diagnose(
-        self, pid: int, watcher: str, now: float, dry_run: bool
+        self, pid: int, watcher: str, why: Why, dry_run: bool
     ) -> KillReport:
-        timeout = self.config.timeout_of(watcher)
         try:
             ours = self.local and await self._child_of_circusd(pid, watcher)
             return await self.diagnostics.before_kill(
-                pid, watcher, timeout, now, dry_run=dry_run, inspect=ours
+                pid, watcher, why, dry_run=dry_run, inspect=ours
             )
         except Exception:  # a bug there must never stop the kill
             logger.exception("diagnostics of %s pid %d failed", watcher, pid)
-            return KillReport(time.time(), timeout, Snapshot(pid), None)
+            return KillReport(time.time(), why.silent_for, Snapshot(pid), None)
 
     async def _child_of_circusd(self, pid: int, watcher: str) -> bool:
         parent = parent_pid(pid)

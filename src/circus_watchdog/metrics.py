@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from ._core import DrainCounts
+from .policy import HOLD_REASONS
 
 logger = logging.getLogger("circus.watchdog")
 
@@ -56,11 +57,11 @@ class Metrics:
     stale: int = 0
     kill_failures: int = 0
     would_kill: int = 0
-    kills_held: int = 0
     stalls: int = 0
     resyncs: int = 0
     captures: int = 0
     kills: Counter[str] = field(default_factory=Counter)
+    kills_held: Counter[str] = field(default_factory=Counter)  # by reason
     capture_failures: Counter[str] = field(default_factory=Counter)
 
     def count_drain(self, counts: DrainCounts) -> None:
@@ -92,7 +93,6 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("stale", "stale", "heartbeats outside max_age"),
     ("kill_failures", "kill_failures", "kills circusd refused or did not carry out"),
     ("would_kill", "would_kill", "kills skipped by dry_run"),
-    ("kills_held", "kills_held", "kills held by the storm guard"),
     ("stalls", "stalls", "ticks that ran late: no kill on them"),
     ("resyncs", "resyncs", "pid lists re-read from circusd"),
     ("captures", "captures", "diagnostic_command captures that exited 0"),
@@ -139,6 +139,13 @@ class WatchdogCollector(Collector):
             "watcher",
             metrics.kills,
             now.watchers,
+        )
+        yield _labelled(
+            "kills_held",
+            "kills held (a due kill not made), by reason (see policy)",
+            "reason",
+            metrics.kills_held,
+            HOLD_REASONS,
         )
         yield _labelled(
             "capture_failures",

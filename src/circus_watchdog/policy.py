@@ -1,54 +1,117 @@
 """Who dies and when: the guards between "this pid went silent" and a kill.
 
-- Self-stall: a tick that runs more than one tick late means the watchdog
-  itself was frozen (blocked loop, paused VM, SIGSTOP), so the silence it sees
-  may be its own.  Nothing is killed on that tick; the silent pids get a fresh
-  deadline.
-- Kernel drops: when the kernel dropped heartbeats since the last tick (a full
-  socket buffer), a silent pid may have beaten; the same: a fresh deadline.
-- Storm guard: when more than ``max_kill_fraction`` of the monitored pids, and
-  more than ``storm_floor`` pids, would die within one timeout window, the
+A pid whose timeout came is *late* (the registry keeps it, with its real last
+heartbeat and its hold).  On each tick the policy splits the late pids that
+expired into kills, holds and pids to examine:
+
+- Self-stall (reason ``stall``): a tick that runs more than one tick late
+  means the watchdog itself was frozen (blocked loop, paused VM, SIGSTOP), so
+  the silence it sees may be its own.  Nothing is killed on that tick.  A pid
+  already being examined (silent for a whole timeout before the freeze) is
+  not held but watched one more evidence window (``watch``): its heartbeats,
+  if the freeze kept them in the socket, are read by then.
+- Kernel drops (``kernel_drops``): the kernel dropped heartbeats since the
+  last tick (a full socket buffer): a silent pid may have beaten.
+- Storm guard (``storm``): when more than ``max_kill_fraction`` of the
+  monitored pids, and more than ``storm_floor`` pids, are silent now, the
   cause is more likely on the watchdog's side (a firewall rule, a broken
-  client library, a full socket) than in every process at once.  Those kills
-  are held: the pids get a fresh deadline, so a pid that resumes is never
-  killed and one that stays silent comes back at its next deadline.  A hold is
-  bounded: a pid silent for ``HOLD_LIMIT`` timeouts in a row since its first
-  hold is killed anyway.  The guard counts the kills already made in the
-  window too, so silences spread over several ticks still trip it, but only
-  once the window holds more than the allowed share: it caps casualties, it
-  cannot tell the first ones from a real hang.  Each pid is held against its
-  own timeout (``watcher_timeouts``), so a watcher with a long one is bounded too.
+  client library) than in every process at once.  "Silent now" counts every
+  late pid (expired on this tick, held, or being examined: until it beats
+  again or is killed) and the kills made within the last timeout; while a
+  storm lasts (a storm hold was made within two timeouts of the held pid) its
+  kills do not age out of that count.  So silences that come together, spread
+  over ticks or over a whole ``loop_rate``, end the same way: at most the
+  allowed share is killed over the whole storm, and the rest are held until
+  they beat again (never killed for resuming) or reach the bound.
+- Evidence (``starved``, ``traced``): where circusd's pids can be read in
+  ``/proc``, a late pid is examined before it is killed (how: `evidence`):
+  the policy hands it to the engine as ``examine``, and `judge` decides on
+  two readings one tick apart.  Traced: a thread is in a ptrace stop under a
+  tracer that is not our own ``diagnostic_command``: an operator at work.
+  Starved: over the window it ran at most ``1 / STARVED_RATIO`` of it, and
+  it was waiting for a CPU: its run-queue wait grew by at least
+  ``STARVED_WAIT`` of the window, or a thread was runnable (``R``) at both
+  readings (the kernel books a wait only once the thread gets a CPU, so a
+  thread that got none in the window shows no wait).  That is runnable but
+  given almost no CPU: host overload, a cgroup quota, a low priority.  A
+  hung process neither runs nor waits, and a spinning one runs: both are
+  killed.  STARVED_RATIO is the margin between the two on a 2-CPU host with
+  one CPU hog per CPU (docs/operations.md gives the figures measured there).
+  A spinning process on a host so overloaded that it gets under
+  ``1 / STARVED_RATIO`` of a CPU is held as starved, then killed at the
+  bound.
 - Dry run: the decision is made and reported, but the killer only logs it.
+
+Every hold gives the pid a fresh deadline (its timeout) and is bounded: a pid
+held for ``HOLD_LIMIT`` of its own timeouts since its hold began is killed at
+its next expiry (not on a stalled tick), with the hold in the kill line.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from .procfs import Sched
+from .registry import Late
 
 logger = logging.getLogger("circus.watchdog")
 
-#: A held pid is killed after this many timeouts of holding (see module doc).
+#: A held pid is killed after this many of its timeouts of holding.
 HOLD_LIMIT = 10
 
-Silent = list[tuple[int, str]]
+#: Every reason a kill can be held for (each has a kills_held series).
+HOLD_REASONS = ("stall", "kernel_drops", "storm", "starved", "traced")
+
+Expired = Sequence[tuple[int, Late]]
+
+#: Starved: it ran at most 1 / STARVED_RATIO of the window ...
+STARVED_RATIO = 8.0
+#: ... and its run-queue wait grew by this share of it (or it stayed runnable).
+STARVED_WAIT = 0.5
 
 
 @dataclass
 class Decision:
-    """What to do with the pids that went silent on one tick."""
+    """What to do with the pids that expired on one tick."""
 
-    kill: Silent = field(default_factory=list)
-    rearm: Silent = field(default_factory=list)  # fresh deadline, no kill
-    held: int = 0  # of rearm, how many the storm guard held
+    kill: list[int] = field(default_factory=list)
+    hold: list[tuple[int, str]] = field(default_factory=list)  # (pid, reason)
+    examine: list[int] = field(default_factory=list)  # gather evidence first
+    watch: list[int] = field(default_factory=list)  # one more evidence window
     stalled: bool = False  # nothing killed: the watchdog itself ran late
     dry_run: bool = False  # ``kill`` is only to be reported
+    storm: str = ""  # the storm, in words, when the guard holds
+
+
+def at_bound(late: Late, now: float) -> bool:
+    """True once ``late``'s hold has lasted HOLD_LIMIT of its timeouts."""
+    held = late.held_since
+    return held is not None and now - held >= HOLD_LIMIT * late.timeout
+
+
+def judge(first: Sched, second: Sched, *, own_tracer: bool) -> tuple[str | None, str]:
+    """The hold reason (None: kill) for two readings of one process, and the
+    window in words; ``own_tracer``: the tracer is our diagnostic_command."""
+    window = max(second.at - first.at, 1e-9)
+    ran = max(0.0, second.ran - first.ran)
+    waited = max(0.0, second.waited - first.waited)
+    words = (
+        f"ran {ran:.2f} s and waited {waited:.2f} s for a CPU in the last "
+        f"{window:.2f} s"
+    )
+    if second.tracer and not own_tracer:
+        return "traced", words
+    waiting = waited >= STARVED_WAIT * window or (first.runnable and second.runnable)
+    if ran * STARVED_RATIO <= window and waiting:
+        return "starved", words
+    return None, words
 
 
 class KillPolicy:
-    """Applies the self-stall and storm guards to each tick's silent pids."""
+    """Applies the stall, kernel-drop and storm guards to each tick's expiries."""
 
     def __init__(
         self,
@@ -58,92 +121,108 @@ class KillPolicy:
         max_kill_fraction: float = 0.5,
         storm_floor: int = 2,
         dry_run: bool = False,
-        timeout_of: Callable[[str], float] | None = None,
+        evidence: bool = False,
     ) -> None:
         self.timeout = timeout
         self.storm_guard = storm_guard
         self.max_kill_fraction = max_kill_fraction
         self.storm_floor = storm_floor
         self.dry_run = dry_run
-        self.timeout_of = timeout_of or (lambda _watcher: timeout)
+        self.evidence = evidence  # late pids are examined before a kill
         self._recent: collections.deque[float] = collections.deque()  # kill times
-        # pid -> (first held, last held, its timeout) of each pid's current hold
-        self._held: dict[int, tuple[float, float, float]] = {}
+        self._storm_until = -float("inf")  # kills do not age out before then
         self._last_alarm = -float("inf")
 
     def decide(
         self,
         now: float,
-        silent: Silent,
-        monitored: int,
+        expired: Expired,
         *,
+        monitored: int,
+        silent: int,
         stalled: bool = False,
         dropped: int = 0,
     ) -> Decision:
-        """Split ``silent`` (already out of the table) into kills and re-arms.
+        """Split ``expired`` into kills, holds and pids to examine.
 
-        ``monitored`` counts the pids still in the table; ``stalled`` says the
-        tick ran late; ``dropped`` counts datagrams the kernel dropped since
-        the last tick.
+        ``monitored`` counts the pids in the table and ``expired`` together;
+        ``silent`` the late pids (``expired`` among them); ``stalled`` says
+        the tick ran late; ``dropped`` counts datagrams the kernel dropped
+        since the last tick.
         """
-        if not silent:
+        if not expired:
             return Decision()
+        if stalled or dropped:
+            self._warn_own_silence(len(expired), stalled, dropped)
+            if not stalled:
+                return Decision(hold=[(p, "kernel_drops") for p, _ in expired])
+            return Decision(
+                hold=[(p, "stall") for p, late in expired if late.reading is None],
+                watch=[p for p, late in expired if late.reading is not None],
+                stalled=True,
+            )
+        decision = Decision(dry_run=self.dry_run)
+        storm = self._storm(now, silent, monitored) if self.storm_guard else ""
+        if storm:
+            decision.storm = storm
+            for pid, late in expired:
+                if at_bound(late, now):
+                    decision.kill.append(pid)
+                else:
+                    decision.hold.append((pid, "storm"))
+                    self._storm_until = max(self._storm_until, now + 2 * late.timeout)
+        elif self.evidence:
+            decision.kill = [p for p, late in expired if at_bound(late, now)]
+            decision.examine = [p for p, late in expired if not at_bound(late, now)]
+        else:
+            decision.kill = [p for p, _ in expired]
+        self.killed(now, len(decision.kill))
+        return decision
+
+    def killed(self, now: float, count: int) -> None:
+        """Count ``count`` kills made at ``now`` toward the storm guard
+        (``decide`` counts its own; the engine, those made on evidence)."""
+        self._recent.extend([now] * count)
+
+    def _storm(self, now: float, silent: int, monitored: int) -> str:
+        if now >= self._storm_until:  # no storm on: old kills age out
+            window = now - self.timeout
+            while self._recent and self._recent[0] < window:
+                self._recent.popleft()
+        would_die = silent + len(self._recent)
+        storm = (
+            would_die > self.storm_floor
+            and would_die > self.max_kill_fraction * monitored
+        )
+        if not storm:
+            return ""
+        words = (
+            f"{would_die} of {monitored} monitored pids are silent or were "
+            f"killed within {self.timeout:g} s"
+        )
+        if now - self._last_alarm >= self.timeout:
+            self._last_alarm = now
+            logger.error(
+                "STORM GUARD: %s; holding their kills (each for at most %d of "
+                "its timeouts). Check the heartbeat path (port, firewall, client "
+                "library); storm_guard = false disables this guard",
+                words,
+                HOLD_LIMIT,
+            )
+        return words
+
+    @staticmethod
+    def _warn_own_silence(count: int, stalled: bool, dropped: int) -> None:
         if stalled:
             logger.warning(
                 "watchdog tick ran late (stalled): not killing %d silent pid(s), "
                 "giving them a fresh timeout",
-                len(silent),
+                count,
             )
-            return Decision(rearm=list(silent), stalled=True)
-        if dropped:
+        else:
             logger.warning(
                 "the kernel dropped %d datagram(s) since the last tick (raise "
                 "rcvbuf and net.core.rmem_max): not killing %d silent pid(s) now",
                 dropped,
-                len(silent),
+                count,
             )
-            return Decision(rearm=list(silent))
-        window = now - self.timeout
-        while self._recent and self._recent[0] < window:
-            self._recent.popleft()
-        # A pid still silent comes back every timeout (plus a tick): one not
-        # seen for two of its timeouts resumed, and a later hold starts afresh.
-        for pid in [p for p, (_, last, t) in self._held.items() if last < now - 2 * t]:
-            del self._held[pid]
-        decision = Decision(kill=list(silent), dry_run=self.dry_run)
-        would_die = len(self._recent) + len(silent)
-        if (
-            self.storm_guard
-            and would_die > self.storm_floor
-            and would_die > self.max_kill_fraction * (monitored + len(silent))
-        ):
-            self._hold(now, silent, decision)
-            if decision.held and now - self._last_alarm >= self.timeout:
-                self._last_alarm = now
-                logger.error(
-                    "STORM GUARD: %d of %d monitored pids went silent within %gs; "
-                    "holding their kills (each for at most %d of its timeouts). "
-                    "Check the heartbeat path (port, firewall, client library); "
-                    "storm_guard = false disables this guard",
-                    would_die,
-                    monitored + len(silent),
-                    self.timeout,
-                    HOLD_LIMIT,
-                )
-        for pid, _ in decision.kill:
-            self._held.pop(pid, None)
-            self._recent.append(now)
-        return decision
-
-    def _hold(self, now: float, silent: Silent, decision: Decision) -> None:
-        # Hold each pid, unless it has been held for HOLD_LIMIT of its timeouts.
-        decision.kill = []
-        for pid, watcher in silent:
-            timeout = self.timeout_of(watcher)
-            since = self._held.get(pid, (now, now, timeout))[0]
-            if now - since >= HOLD_LIMIT * timeout:
-                decision.kill.append((pid, watcher))
-            else:
-                self._held[pid] = (since, now, timeout)
-                decision.rearm.append((pid, watcher))
-        decision.held = len(decision.rearm)

@@ -4,8 +4,15 @@ The watchdog reads ``/proc`` to tell a live pid from a zombie (``alive``), to
 walk a sender's parent chain for ``notify_access = all`` and to check that a
 pid is circusd's child before inspecting it (``parent_pid``), to snapshot a
 pid before a kill (``read_stat``, ``read_wchan``, ``count_fds``), to find
-where circusd logs (``cwd``, ``cmdline``) and to find the descriptors this
-process inherited (``own_fds``).
+where circusd logs (``cwd``, ``cmdline``), to find the descriptors this
+process inherited (``own_fds``), and to examine a late pid before a kill:
+``read_sched`` (run time and run-queue wait summed over its threads, from
+``/proc/PID/task/TID/schedstat``, whether a thread is runnable, and a thread
+in a ptrace stop with its ``TracerPid``.  The kernel adds a thread's wait to
+schedstat only when the thread gets a CPU, so a thread that waited through a
+whole window without one shows no wait: it shows as runnable, ``R``),
+``cpu_pressure``, and ``sched_info``: whether the kernel keeps schedstat at
+all.
 
 Each reader takes a ``proc`` root (a fake tree in tests) and returns None when
 it cannot read: the pid is gone or was never there, belongs to another user
@@ -23,14 +30,19 @@ from typing import NamedTuple
 __all__ = [
     "PROC",
     "ProcStat",
+    "Sched",
     "alive",
     "cmdline",
+    "comm",
     "count_fds",
+    "cpu_pressure",
     "cwd",
     "own_fds",
     "parent_pid",
+    "read_sched",
     "read_stat",
     "read_wchan",
+    "sched_info",
     "stat_fields",
 ]
 
@@ -153,3 +165,86 @@ def cmdline(pid: int, proc: str = PROC) -> list[str] | None:
     except (OSError, ValueError):
         return None
     return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
+
+
+class Sched(NamedTuple):
+    """What the scheduler recorded for a process (all its threads), at ``at``."""
+
+    at: float  # monotonic time of the reading
+    ran: float  # seconds on a CPU (schedstat field 1, summed)
+    waited: float  # seconds runnable, waiting on a run queue (field 2)
+    cpu: float  # utime + stime from /proc/PID/stat, seconds
+    start: int  # the process's start time: tells a reused pid apart
+    tracer: int  # TracerPid of a thread in a ptrace stop ('t'), else 0
+    runnable: bool  # a thread is in state R (running or on a run queue)
+
+
+def sched_info(proc: str = PROC) -> bool:
+    """True if the kernel keeps ``/proc/PID/schedstat`` (CONFIG_SCHED_INFO)."""
+    try:
+        with open(f"{proc}/self/schedstat", "rb") as f:
+            return len(f.read().split()) >= 2
+    except (OSError, ValueError):
+        return False
+
+
+def read_sched(pid: int, at: float, proc: str = PROC) -> Sched | None:
+    """``pid``'s run time and run-queue wait over its threads and its tracer
+    (if a thread is in a ptrace stop), or None if any of it cannot be read."""
+    stat = read_stat(pid, proc)
+    try:
+        tids = os.listdir(f"{proc}/{pid}/task")
+    except (OSError, ValueError):
+        return None
+    if stat is None:
+        return None
+    ran = waited = 0
+    tracer = 0
+    runnable = False
+    for tid in tids:
+        task = f"{proc}/{pid}/task/{tid}"
+        try:
+            with open(f"{task}/schedstat", "rb") as f:
+                times = f.read().split()
+            run, wait = int(times[0]), int(times[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+        ran += run
+        waited += wait
+        fields = stat_fields(int(tid), f"{proc}/{pid}/task")
+        state = fields[0] if fields else b""
+        runnable = runnable or state == b"R"
+        if state == b"t" and not tracer:
+            tracer = _tracer(task)
+    return Sched(at, ran / 1e9, waited / 1e9, stat.cpu, stat.start, tracer, runnable)
+
+
+def _tracer(task: str) -> int:
+    try:
+        with open(f"{task}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def comm(pid: int, proc: str = PROC) -> str | None:
+    """``pid``'s command name (``/proc/PID/comm``), or None."""
+    try:
+        with open(f"{proc}/{pid}/comm", "rb") as f:
+            return f.read(64).decode("utf-8", "replace").strip()
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_pressure(proc: str = PROC) -> float | None:
+    """The share of the last 10 s some task waited for a CPU, in percent
+    (``/proc/pressure/cpu``, ``some avg10``), or None."""
+    try:
+        with open(f"{proc}/pressure/cpu", "rb") as f:
+            some = f.readline().split()
+        return float(some[1].partition(b"=")[2])
+    except (OSError, ValueError, IndexError):
+        return None

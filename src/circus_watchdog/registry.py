@@ -4,6 +4,12 @@ circusd is the only source of pids (never a heartbeat). A pid circusd reports
 is in exactly one of these states, and only this module moves it:
 
 - monitored: in the table, which owns its timing (last heartbeat, deadline);
+- late: its timeout came (``expire`` takes it out of the table) and the
+  policy has not killed it: being decided on, watched for evidence one more
+  tick, or held.  A late pid is put back in the table with a fresh deadline
+  (``rearm``), so its heartbeats still count, and keeps here the time of its
+  real last heartbeat and its hold; a heartbeat since the re-arm makes it
+  monitored again (``resumed``);
 - excluded: its watcher is never watched: the one running this watchdog, and
   circus's own (``circusd-stats``, every ``plugin:*``) unless ``include_circus``;
 - being killed: the policy chose it and the killer is at work (out of the table);
@@ -20,7 +26,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ._core import HeartbeatTable
 from .pids import is_pid
@@ -42,6 +49,19 @@ class Settings(Protocol):
     def timeout_of(self, watcher: str) -> float: ...
 
 
+@dataclass(slots=True)
+class Late:
+    """A pid whose timeout came and that is not being killed."""
+
+    watcher: str
+    timeout: float  # its watcher's timeout, as the table has it
+    since: float  # its last heartbeat (first estimate: the deadline - timeout)
+    rearmed: float  # put back in the table then: a later last_seen is a beat
+    held_since: float | None = None  # its current hold began then
+    reason: str | None = None  # of its current hold
+    reading: Any = None  # the first evidence reading (procfs.Reading)
+
+
 def is_circus_own(watcher: str) -> bool:
     """True for circusd-stats and plugin watchers, which send no heartbeats."""
     return watcher == CIRCUS_STATS or watcher.startswith(PLUGIN_PREFIX)
@@ -61,6 +81,7 @@ class Registry:
         self._self_watchers: set[str] = set()  # runs this watchdog
         self._killing: dict[int, str] = {}
         self._killed: dict[int, str] = {}
+        self._late: dict[int, Late] = {}
         self._churn: dict[int, str] | None = None  # events during a listing
 
     # -- what is watched -----------------------------------------------------
@@ -112,6 +133,8 @@ class Registry:
         found = self._sort_listing(listing)
         for watcher in self._watchers:
             self._learn_timeout(watcher)
+        if fresh:
+            self._late.clear()  # every timeout restarts: nobody is late
         return self._admit(found, churn, now, fresh=fresh, only=None)
 
     def apply_watcher(
@@ -155,6 +178,7 @@ class Registry:
                 and mine(self.table.watcher_of(pid))
             ):
                 self.table.remove(pid)
+                self._late.pop(pid, None)
         for pid in [p for p, w in self._killed.items() if p not in found and mine(w)]:
             del self._killed[pid]  # gone from circusd's list: nothing to guard
         learnt = 0
@@ -190,6 +214,7 @@ class Registry:
             self._self_watchers.add(watcher)
             self.table.remove(pid)
             return
+        self._late.pop(pid, None)
         if action == "spawn":
             self._killing.pop(pid, None)  # a reused pid: a new process
             self._killed.pop(pid, None)
@@ -211,13 +236,75 @@ class Registry:
 
     # -- the kill path -------------------------------------------------------
 
-    def rearm(self, pid: int, watcher: str, now: float) -> None:
-        """Give a silent pid (already out of the table) a fresh deadline."""
-        if pid not in self._killing and pid not in self._killed:
-            self.table.add(pid, watcher, now)
+    def expire(self, now: float) -> list[tuple[int, Late]]:
+        """Take the pids whose timeout came at ``now`` out of the table; they
+        are late until ``rearm``, ``start_kill`` or a heartbeat."""
+        out = []
+        for pid, watcher in self.table.expire(now):
+            late = self._late.get(pid)
+            if late is None:
+                timeout = self.table.watcher_timeout(watcher)
+                late = self._late[pid] = Late(watcher, timeout, now - timeout, now)
+            out.append((pid, late))
+        return out
+
+    def resumed(self) -> list[tuple[int, Late]]:
+        """The late pids that beat since their re-arm: monitored again."""
+        table = self.table
+        back = [
+            (pid, late)
+            for pid, late in self._late.items()
+            if pid in table and table.last_seen(pid) > late.rearmed
+        ]
+        for pid, _ in back:
+            del self._late[pid]
+        return back
+
+    def late(self, pid: int) -> Late | None:
+        """``pid``'s record while it is late, else None."""
+        return self._late.get(pid)
+
+    @property
+    def late_count(self) -> int:
+        """How many pids are late (silent past their timeout) now."""
+        return len(self._late)
+
+    def held(self) -> list[tuple[int, Late]]:
+        """The pids held now."""
+        return [(p, late) for p, late in self._late.items() if late.reason]
+
+    def last_heartbeat(self, pid: int) -> float:
+        """When ``pid`` last beat (a re-arm is no heartbeat); KeyError if it
+        is not monitored."""
+        seen = self.table.last_seen(pid)
+        late = self._late.get(pid)
+        return late.since if late is not None and seen <= late.rearmed else seen
+
+    def rearm(
+        self, pid: int, now: float, window: float | None = None, reading: Any = None
+    ) -> None:
+        """Put late ``pid`` back in the table: deadline ``window`` away, else
+        its timeout; ``reading`` is kept as its first evidence reading."""
+        late = self._late.get(pid)
+        if late is None:
+            return
+        self.table.add(pid, late.watcher, now, window)
+        late.rearmed = now
+        late.reading = reading
+
+    def hold(self, pid: int, reason: str, now: float) -> bool:
+        """Mark late ``pid`` held for ``reason``; True if its hold starts now."""
+        late = self._late[pid]
+        late.reason = reason
+        if late.held_since is None:
+            late.held_since = now
+            return True
+        return False
 
     def start_kill(self, pid: int, watcher: str) -> None:
-        """The killer takes ``pid`` (already out of the table)."""
+        """The killer takes ``pid``: out of the table, no longer late."""
+        self._late.pop(pid, None)
+        self.table.remove(pid)
         self._killing[pid] = watcher
 
     def end_kill(self, pid: int) -> None:
