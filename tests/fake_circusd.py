@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from circus_watchdog.circusd import CallTimeout
+from circus_watchdog.circusd import CallTimeout, CircusError
 from circus_watchdog.config import Config
 
 
@@ -41,7 +41,9 @@ class FakeCircusd:
             if self.during_list is not None:
                 hook, self.during_list = self.during_list, None
                 hook()
-            return {"status": "ok", "pids": list(self.watchers.get(props["name"], []))}
+            if props["name"] not in self.watchers:  # as circusd answers
+                raise CircusError(command, f"program {props['name']} not found")
+            return {"status": "ok", "pids": list(self.watchers[props["name"]])}
         if command == "list":
             return {"status": "ok", "watchers": list(self.watchers)}
         if command == "kill" and self.kills_work:

@@ -4,7 +4,9 @@ every datagram is read, and wake-ups follow time, not datagrams."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import random
 import socket
 import threading
 import time
@@ -15,7 +17,13 @@ from types import ModuleType
 import pytest
 
 from circus_watchdog.metrics import Metrics
-from circus_watchdog.receiver import TO_READABILITY, TO_TIMER, Coalescer, Receiver
+from circus_watchdog.receiver import (
+    SPARSE_DELAY,
+    TO_READABILITY,
+    TO_TIMER,
+    Coalescer,
+    Receiver,
+)
 from fake_circusd import config
 from support import free_udp_port
 
@@ -88,6 +96,35 @@ def test_every_datagram_is_read(
 
     run(loop_factory, scenario())
     assert rx.metrics.datagrams == SENT + 1 and rx.metrics.unknown == 0
+
+
+def test_a_thin_stream_is_read_in_batches(
+    core: ModuleType, loop_factory: LoopFactory
+) -> None:
+    # One datagram about every 0.5 ms (2,000/s, a fleet's rate): a timer
+    # every millisecond would wake once per two; the adaptive one waits up to
+    # SPARSE_DELAY and reads several per wake-up.
+    rx = receiver(core, port=str(free_udp_port()))
+    count = 400
+
+    def send(address: tuple[str, int]) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(count):
+                sock.sendto(b"%d;1" % PID, address)
+                time.sleep(0.0005)
+
+    async def scenario() -> None:
+        rx.open()
+        rx.start(asyncio.get_running_loop())
+        assert rx.address is not None
+        sender = threading.Thread(target=send, args=(rx.address,))
+        sender.start()
+        await until(lambda: rx.metrics.heartbeats == count)
+        sender.join()
+        assert rx.wakeups < count / 4, rx.wakeups
+        rx.close()
+
+    run(loop_factory, scenario())
 
 
 def test_a_backlog_larger_than_the_budget_is_read(
@@ -183,7 +220,7 @@ def coalescer(reads: list[int]) -> tuple[Coalescer, FakeLoop, list[float]]:
         3,
         lambda: next(queue),
         delay=0.001,
-        budget=64,
+        budget=256,
         clock=lambda: now[0],
     )
     c.start()
@@ -192,46 +229,50 @@ def coalescer(reads: list[int]) -> tuple[Coalescer, FakeLoop, list[float]]:
 
 def test_light_traffic_stays_on_readability() -> None:
     c, loop, now = coalescer([1] * 10)
-    for i in range(10):  # one datagram every 1.5 ms: the timer would save nothing
-        now[0] = i * 0.0015
+    for i in range(10):  # one datagram every 5 ms: the timer would save nothing
+        now[0] = i * 0.005
         assert loop.reader is not None and loop.timer is None
         loop.reader()
-    assert c.wakeups == 10
+    assert c.wakeups == 10 and c.interval is None
 
 
-def test_a_paced_senders_bursts_do_not_flip_it() -> None:
-    # Pairs of datagrams every 2 ms (loadgen's pacing at 1,000/s): one close
-    # pair is no trend.
+def test_one_close_pair_does_not_flip_it() -> None:
+    # Pairs of datagrams every 10 ms: one close pair is no trend.
     c, loop, now = coalescer([1] * 20)
     for i in range(10):
         for offset in (0.0, 0.00005):
-            now[0] = i * 0.002 + offset
+            now[0] = i * 0.01 + offset
             assert loop.reader is not None and loop.timer is None
             loop.reader()
     assert c.wakeups == 20
 
 
 def test_heavy_traffic_moves_to_the_timer_and_back() -> None:
-    c, loop, now = coalescer([1, 1, 1, 1, 12, 0, 30, 64, 20, 0, 0, 0])
-    for i in range(TO_TIMER + 1):  # wake-ups 0.1 ms apart: a flood
+    c, loop, now = coalescer([1, 1, 1, 1, 200, 0, 100, 256, 20, 2, 0, 0, 0])
+    for i in range(TO_TIMER + 1):  # wake-ups 0.1 ms apart
         now[0] = i * 0.0001
         assert loop.reader is not None
         loop.reader()
     assert loop.reader is None and loop.timer is not None
-    assert loop.timer[0] == 0.001
-    loop.fire()  # 12 read: again in 1 ms
-    loop.fire()  # 0: one quiet millisecond (a sender's pause) is no end
-    assert loop.timer is not None and loop.timer[0] == 0.001
-    loop.fire()  # 30
-    loop.fire()  # 64 = budget: more is queued, read again at once
+    assert loop.timer[0] == SPARSE_DELAY  # the timer starts at its longest
+    loop.fire()  # 200 read: a flood, the interval halves
+    assert loop.timer is not None and loop.timer[0] == SPARSE_DELAY / 2
+    loop.fire()  # 0: one quiet interval (a sender's pause) is no end
+    assert loop.timer is not None and loop.timer[0] == SPARSE_DELAY
+    loop.fire()  # 100: halves again
+    assert loop.timer is not None and loop.timer[0] == SPARSE_DELAY / 2
+    loop.fire()  # 256 = budget: more is queued, read again at once
     assert loop.timer is not None and loop.timer[0] == 0.0
-    loop.fire()  # 20
+    loop.fire()  # 20: between GROW_BELOW and SHRINK_ABOVE, the interval holds
+    assert loop.timer is not None and loop.timer[0] == SPARSE_DELAY / 2
+    loop.fire()  # 2: few, it grows
+    assert loop.timer is not None and loop.timer[0] == SPARSE_DELAY
     for _ in range(TO_READABILITY - 1):
         loop.fire()  # 0
         assert loop.reader is None
     loop.fire()  # TO_READABILITY empty reads in a row: back to readability
     assert loop.reader is not None and loop.timer is None
-    assert c.wakeups == 12
+    assert c.wakeups == 13
 
 
 def test_zero_delay_reads_on_every_wake_up() -> None:
@@ -249,3 +290,107 @@ def test_zero_delay_reads_on_every_wake_up() -> None:
         assert loop.reader is not None
         loop.reader()
     assert loop.timer is None and c.wakeups == 5
+
+
+class SimLoop(FakeLoop):
+    """An event loop on a simulated clock (ms resolution is far too coarse:
+    seconds as floats), with a socket fed by a list of arrival times.
+
+    Readability is level-triggered, as epoll's is for add_reader: a reader
+    runs whenever something is queued.  Every datagram's wait from arrival to
+    read is recorded."""
+
+    BUDGET = 4096
+
+    def __init__(self, arrivals: list[float]) -> None:
+        super().__init__()
+        self.now = 0.0
+        self._arrivals = iter(arrivals)
+        self._next: float | None = next(self._arrivals, None)
+        self._queue: list[float] = []
+        self.waits: list[float] = []
+        self.timers = 0  # timer callbacks run
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        self.timer = (self.now + delay, callback)  # when due, not the delay
+        return self
+
+    def call_soon(self, callback: Callable[[], None]) -> object:
+        return self.call_later(0.0, callback)
+
+    def read(self) -> int:
+        batch = self._queue[: self.BUDGET]
+        del self._queue[: self.BUDGET]
+        self.waits += [self.now - t for t in batch]
+        return len(batch)
+
+    def run(self, until: float, steps: int = 10**6) -> None:
+        for _ in range(steps):
+            due = self.timer[0] if self.timer is not None else math.inf
+            arrival = self._next if self._next is not None else math.inf
+            if self.reader is not None and self._queue:
+                self.reader()
+            elif min(due, arrival) > until:
+                self.now = until
+                return
+            elif arrival <= due:
+                self.now = arrival
+                self._queue.append(arrival)
+                self._next = next(self._arrivals, None)
+            else:
+                assert self.timer is not None
+                self.now, callback = self.timer[0], self.timer[1]
+                self.timer = None
+                self.timers += 1
+                callback()
+        raise AssertionError("the simulation did not end")
+
+
+def simulate(rate: float, seconds: float, delay: float = 0.001) -> tuple[SimLoop, int]:
+    """``rate`` datagrams/s, each pid's phase its own (random arrivals), for
+    ``seconds``, then as long again with nothing; the loop and the wake-ups
+    while the traffic lasted."""
+    rng = random.Random(1664)
+    arrivals = sorted(rng.uniform(0, seconds) for _ in range(int(rate * seconds)))
+    loop = SimLoop(arrivals)
+    c = Coalescer(
+        loop,  # type: ignore[arg-type]
+        3,
+        loop.read,
+        delay=delay,
+        budget=SimLoop.BUDGET,
+        clock=lambda: loop.now,
+    )
+    c.start()
+    loop.run(seconds)
+    wakeups = c.wakeups
+    loop.run(2 * seconds)
+    return loop, wakeups
+
+
+@pytest.mark.parametrize(
+    ("rate", "most"),  # wake-ups per second, at most
+    [(1000, 260), (5000, 260), (20000, 510), (50000, 1010), (200000, 1010)],
+)
+def test_wake_ups_fall_as_traffic_thins_within_the_freshness_bound(
+    rate: int, most: int
+) -> None:
+    loop, wakeups = simulate(rate, 2.0)
+    assert len(loop.waits) == 2 * rate  # every datagram read
+    assert max(loop.waits) <= SPARSE_DELAY + 1e-9 < 0.005
+    assert wakeups / 2.0 <= most, wakeups
+    # Idle again: back on readability, no timer left.
+    assert loop.timer is None and loop.reader is not None
+
+
+def test_a_flood_is_read_every_batch_delay_at_most() -> None:
+    loop, wakeups = simulate(200000, 1.0, delay=0.002)
+    assert max(loop.waits) <= SPARSE_DELAY + 1e-9  # the first reads
+    assert sorted(loop.waits)[-1000] <= 0.002 + 1e-9  # then every batch_delay
+    assert 400 <= wakeups <= 510, wakeups
+
+
+def test_a_sparse_fleet_is_read_at_once_and_costs_no_timer() -> None:
+    loop, wakeups = simulate(50, 2.0)
+    assert max(loop.waits) == 0.0 and wakeups == 100
+    assert loop.timers == 0

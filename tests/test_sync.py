@@ -11,7 +11,7 @@ import pytest
 from circus_watchdog.circusd import CircusError, Event
 from circus_watchdog.metrics import Metrics
 from circus_watchdog.registry import Registry
-from circus_watchdog.sync import WARN_INTERVAL, Sync
+from circus_watchdog.sync import GATHER, SETTLE, WARN_INTERVAL, Sync
 from fake_circusd import FakeCircusd, config
 
 
@@ -101,19 +101,140 @@ def test_reconnect_gives_fresh_timeouts(core: ModuleType) -> None:
     assert sync.registry.table.last_seen(10) == 102.0
 
 
-def test_watcher_level_events_ask_for_a_resync(core: ModuleType) -> None:
+def full_listings(fake: FakeCircusd) -> int:
+    return fake.calls.count(("list", {}))
+
+
+def watcher_listings(fake: FakeCircusd, name: str) -> int:
+    return fake.calls.count(("list", {"name": name}))
+
+
+async def settled(sync: Sync, want: set[int], limit: float = 1.0) -> float:
+    """Seconds until the monitored set is ``want``; AssertionError after
+    ``limit``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for _ in range(int(limit / 0.01) + 1):
+        if monitored(sync) == want:
+            return loop.time() - start
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"monitored {monitored(sync)}, not {want}, after {limit} s")
+
+
+def running(sync: Sync, scenario):  # type: ignore[no-untyped-def]
+    """Run ``scenario`` beside run_resyncs, after its first re-sync."""
+
+    async def main() -> None:
+        task = asyncio.create_task(sync.run_resyncs())
+        for _ in range(100):
+            if sync.connected:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            await scenario()
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_watcher_events_list_that_watcher_alone(core: ModuleType) -> None:
+    sync, fake, _ = make(core, {"web": [10], "db": [11]})
+
+    async def scenario() -> None:
+        fake.calls.clear()
+        fake.watchers["api"] = [20]
+        for action in ("add", "start", "updated"):  # gathered: one listing
+            sync.apply(Event("api", action, {}))
+        await settled(sync, {10, 11, 20})
+        await asyncio.sleep(SETTLE + 0.2)  # and one more once it settled
+        assert watcher_listings(fake, "api") == 2
+        del fake.watchers["web"]
+        sync.apply(Event("web", "remove", {}))
+        await settled(sync, {11, 20})
+        await asyncio.sleep(SETTLE + 0.2)
+        assert full_listings(fake) == 0
+        assert fake.calls.count(("list", {"name": "db"})) == 0
+
+    running(sync, scenario)
+
+
+def test_starting_50_watchers_costs_two_small_listings_each(core: ModuleType) -> None:
+    # circusd starting a fleet: each watcher's `start` event.  A full re-sync
+    # per event would cost circusd 50 x 51 calls.
+    sync, fake, _ = make(core, {})
+
+    async def scenario() -> None:
+        fake.calls.clear()
+        want = set()
+        for i in range(50):
+            fake.watchers[f"w{i}"] = [100 + i]
+            want.add(100 + i)
+            sync.apply(Event(f"w{i}", "start", {}))
+            await asyncio.sleep(0.005)
+        await settled(sync, want)
+        await asyncio.sleep(SETTLE + 0.2)
+        assert full_listings(fake) == 0
+        assert len(fake.calls) <= 2 * 50, len(fake.calls)
+
+    running(sync, scenario)
+
+
+def test_a_watcher_that_reloadconfig_recreates_is_monitored_within_a_second(
+    core: ModuleType,
+) -> None:
+    # reloadconfig re-creates a changed watcher: the old one stops and leaves
+    # circusd's list, the new one spawns and sends `start` before circusd
+    # registers it, so a listing taken on `start` finds no such watcher.
+    sync, fake, _ = make(core, {"web": [10], "api": [20]})
+
+    async def scenario() -> None:
+        for _ in range(3):
+            old = fake.watchers.pop("api")
+            sync.apply(Event("api", "stop", {}))
+            for pid in old:
+                sync.apply(Event("api", "reap", {"process_pid": pid}))
+            new = [old[0] + 1]
+            sync.apply(Event("api", "spawn", {"process_pid": new[0]}))
+            sync.apply(Event("api", "start", {}))
+            await asyncio.sleep(GATHER * 3)  # listed: not found
+            fake.watchers["api"] = new  # registered, no event says so
+            assert await settled(sync, {10, *new}) < 1.0
+
+    running(sync, scenario)
+
+
+def test_unknown_pids_ask_for_a_rate_limited_resync(core: ModuleType) -> None:
     sync, fake, _ = make(core, {"web": [10]})
+
+    async def scenario() -> None:
+        fake.watchers["web"].append(11)  # its spawn event was lost
+        sync.metrics.unknown += 1  # and it beats
+        await settled(sync, {10, 11})
+        fake.calls.clear()
+        # Forged pids for 3 s: at most one re-sync per UNKNOWN_RELIST (2 s),
+        # fewer as they find nothing.
+        for _ in range(60):
+            sync.metrics.unknown += 100
+            await asyncio.sleep(0.05)
+        assert 1 <= full_listings(fake) <= 2, fake.calls
+
+    running(sync, scenario)
+
+
+def test_a_watcher_listing_follows_that_watcher_only(core: ModuleType) -> None:
+    sync, fake, _ = make(core, {"web": [10, 11], "db": [12]}, watchers_regex="web|db")
     asyncio.run(sync.resync())
-    assert not sync._wanted.is_set()
-    fake.watchers["api"] = [20]
-    sync.apply(Event("api", "add", {}))
-    assert sync._wanted.is_set()
-    asyncio.run(sync.resync())
-    assert monitored(sync) == {10, 20}
+    sync.registry.table.remove(11)  # the killer takes it out of the table
+    sync.registry.start_kill(11, "web")
+    sync.registry.end_kill(11)  # killed, still listed by circusd
+    fake.watchers["web"] = [11, 13]  # 10 died unseen; 13 spawned unseen
+    fake.watchers["db"] = [14]
+    asyncio.run(sync.relist("web"))
+    assert monitored(sync) == {12, 13}  # db untouched, 11 not re-learnt
     del fake.watchers["web"]
-    sync.apply(Event("web", "remove", {}))
-    asyncio.run(sync.resync())
-    assert monitored(sync) == {20}
+    asyncio.run(sync.relist("web"))  # gone: nothing of it left
+    assert monitored(sync) == {12} and sync.registry.watchers == ("db",)
 
 
 def test_run_resyncs_retries_until_circusd_answers(core: ModuleType) -> None:

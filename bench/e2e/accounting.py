@@ -18,6 +18,35 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def run_seconds(pid: int) -> float:
+    """Seconds every live thread of ``pid`` ran on a CPU, from the scheduler's
+    own clock (``/proc/PID/task/TID/schedstat``, nanoseconds).  Unlike
+    `cpu_seconds` it is not sampled at the timer tick: with tick-based
+    accounting a reader woken by a timer is charged whole ticks it did not use."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except OSError:  # a thread that just ended
+            continue
+    return total / 1e9
+
+
+def wakeups(pid: int) -> int:
+    """Context switches of every live thread of ``pid`` (voluntary and not):
+    how many times it was put to sleep or preempted, that is, woken again."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # a thread that just ended
+            continue
+        for line in text.splitlines():
+            if "ctxt_switches:" in line:
+                total += int(line.split()[1])
+    return total
+
+
 def udp_socket_stats(port: int) -> tuple[int, int]:
     """(rx_queue bytes, drops) of the 127.0.0.1:port UDP socket, /proc/net/udp;
     (0, 0) if there is none."""

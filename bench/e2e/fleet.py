@@ -27,7 +27,7 @@ from harness import (
 )
 
 SLEEP = "sleep 36000"  # a real process that costs nothing
-SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet
+SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet, plus 1 s per 25
 SYNC_LIMIT = 60.0  # seconds for a daemon to monitor the whole fleet
 WATCHED = "^(fleet|probe)$"
 
@@ -71,15 +71,18 @@ def pin_threads(pid: int, cpu: int) -> None:
 
 
 @contextmanager
-def fleet(workdir: Path, procs: int, cpu: int | None) -> Iterator[Fleet]:
-    """circusd with the fleet and the probe; everything stopped on exit."""
+def fleet(
+    workdir: Path, procs: int, cpu: int | None, cmd: str = SLEEP
+) -> Iterator[Fleet]:
+    """circusd with the fleet and the probe (each process runs ``cmd``);
+    everything stopped on exit."""
     sections = f"""\
 [watcher:fleet]
-cmd = {SLEEP}
+cmd = {cmd}
 numprocesses = {procs}
 
 [watcher:probe]
-cmd = {SLEEP}
+cmd = {cmd}
 numprocesses = 1
 """
     with (
@@ -92,6 +95,6 @@ numprocesses = 1
             pids = circusd.pids("fleet")
             return pids if len(pids) == procs else None
 
-        pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT, interval=0.2)
+        pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT + procs / 25, interval=0.5)
         [probe] = circusd.wait_for(lambda: circusd.pids("probe"), SPAWN_LIMIT)
         yield Fleet(circusd, pids, probe, start_daemon, cpu)

@@ -11,19 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 FLOORS = ("floor_block", "floor_sleep")
+PAUSE = "pause"  # a fleet process for the fleet-rate run, not a floor
 SOURCES = Path(__file__).resolve().parent.parent / "floors"
 START_LIMIT = 10.0  # seconds for a floor to print "ready"
 STOP_LIMIT = 10.0  # seconds for a floor to print its count after SIGTERM
 CC_LIMIT = 60.0  # seconds to compile one floor
 
 
-def build(workdir: Path) -> dict[str, Path]:
-    """Compile every floor with ``cc -O2``; kind -> executable."""
+def build(workdir: Path, kinds: tuple[str, ...] = FLOORS) -> dict[str, Path]:
+    """Compile every floor (or ``kinds``) with ``cc -O2``; kind -> executable."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc) on PATH: cannot build bench/floors")
     out = {}
-    for kind in FLOORS:
+    for kind in kinds:
         exe = workdir / kind
         subprocess.run(
             [cc, "-O2", "-Wall", "-o", str(exe), str(SOURCES / f"{kind}.c")],

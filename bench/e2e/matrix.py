@@ -15,7 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .accounting import cpu_seconds, rcvbuf_errors, udp_socket_stats, wait_drained
+from .accounting import (
+    cpu_seconds,
+    rcvbuf_errors,
+    run_seconds,
+    udp_socket_stats,
+    wait_drained,
+    wakeups,
+)
 from .fleet import Daemon
 from .receivers import Receiver, Run
 from .sender import Sender, finish
@@ -47,11 +54,11 @@ def window(rx: Receiver, sender: Sender, rate: str, seconds: float) -> dict[str,
     run = rx.open()
     try:
         drops0, snmp0 = udp_socket_stats(run.port)[1], rcvbuf_errors()
-        cpu0 = cpu_seconds(run.pid)
+        cpu0, wake0, ran0 = cpu_seconds(run.pid), wakeups(run.pid), run_seconds(run.pid)
         sent = sender.run(run.port, rate, duration=seconds)
         wait_drained(run.port)
         time.sleep(SETTLE)
-        cpu1 = cpu_seconds(run.pid)
+        cpu1, wake1, ran1 = cpu_seconds(run.pid), wakeups(run.pid), run_seconds(run.pid)
         drops1, snmp1 = udp_socket_stats(run.port)[1], rcvbuf_errors()
     except BaseException:
         _abort(run)
@@ -73,6 +80,10 @@ def window(rx: Receiver, sender: Sender, rate: str, seconds: float) -> dict[str,
         "cpu": round(cpu, 4),
         "cpu_us_per_hb": round(cpu / hb * 1e6, 4) if hb else None,
         "processed_rate": round(hb / sent["elapsed"], 1) if sent["elapsed"] else None,
+        "ran_us_per_hb": round((ran1 - ran0) / hb * 1e6, 4) if hb else None,
+        "wakeups_per_s": round((wake1 - wake0) / sent["elapsed"], 1)
+        if sent["elapsed"]
+        else None,
     }
 
 

@@ -1,15 +1,27 @@
 """Reading the heartbeat sockets (bound by ``sockets``): when, and into the table.
 
-A wake-up costs more than the datagrams it reads when they come one or two at
-a time (epoll, a loop callback, a Python call, the counters): at a paced flood
-the loop would wake once per datagram or two.  So each socket is read by a
-`Coalescer`: while traffic is light it waits for readability (``add_reader``),
-so a quiet fleet costs nothing extra and a lone heartbeat is read at once; when
-readability wake-ups keep coming closer together than ``batch_delay`` it stops
-watching readability and reads every ``batch_delay`` seconds (a timer), until
-a few reads in a row find nothing; then it goes back to ``add_reader``.  Under
-a flood, wake-ups then grow with time, not with datagrams, and a heartbeat
-waits at most ``batch_delay`` (<= 5 ms) before it reaches the table.
+A wake-up costs more than the datagrams it reads when they come a few at a
+time (epoll, a loop callback, a Python call, the counters), so each socket is
+read by a `Coalescer`, on one of two schedules:
+
+- readability (``add_reader``) while traffic is sparse: a quiet fleet costs no
+  timer and a lone heartbeat is read at once;
+- a timer once readability wake-ups keep coming closer together than
+  ``SPARSE_DELAY`` (``TO_TIMER`` in a row): then the timer wakes less often
+  than the datagrams would.  Its interval adapts to what the reads find: it
+  starts at ``SPARSE_DELAY`` (4 ms), halves (down to ``batch_delay``, 1 ms by
+  default) while reads find more than ``SHRINK_ABOVE`` datagrams and doubles
+  back (up to ``SPARSE_DELAY``) while they find fewer than ``GROW_BELOW``.  So
+  a fleet's 1,000-20,000 heartbeats/s cost 250-500 wake-ups a second instead
+  of one per datagram or per millisecond, and a flood (over about 32,000/s)
+  is read every ``batch_delay``, as the C drain-then-sleep floor reads.  A
+  read that hit ``budget`` reads again at once; after ``TO_READABILITY``
+  empty reads in a row the traffic is gone and the reader goes back to
+  readability.
+
+A heartbeat waits at most the interval, never over ``SPARSE_DELAY`` (or
+``batch_delay`` if larger), before it reaches the table: within 5 ms of its
+arrival, the 1 ms left over being for the loop's other work.
 ``batch_delay = 0`` reads on every wake-up.
 """
 
@@ -39,24 +51,27 @@ from .sockets import (
 
 logger = logging.getLogger("circus.watchdog")
 
-#: Readability wake-ups in a row, each within batch_delay of the one before,
+#: Readability wake-ups in a row, each within SPARSE_DELAY of the one before,
 #: that move a reader to its timer; and empty timer reads in a row that move
-#: it back.  Both want a trend, not one close pair or one quiet millisecond: a
-#: paced sender's bursts (loadgen sends every 2 ms) would flip it every burst.
+#: it back.  Both want a trend, not one close pair or one quiet interval.
 TO_TIMER = 3
 TO_READABILITY = 3
+#: The timer's longest interval (seconds): a heartbeat reaches the table
+#: within 5 ms of its arrival, with 1 ms to spare for the loop's other work.
+SPARSE_DELAY = 0.004
+#: Datagrams per timer read under which the interval doubles (a wake-up costs
+#: about as much as 16 datagrams) and over which it halves.  The gap between
+#: them keeps a steady rate from flipping it at every read.
+GROW_BELOW = 16
+SHRINK_ABOVE = 64
 
 
 class Coalescer:
-    """Reads one socket: on readability while traffic is light, on a timer
-    while it is heavy.
+    """Reads one socket: on readability while traffic is sparse, on a timer
+    whose interval follows the traffic while it is not (see the module).
 
     ``read()`` drains what is queued (at most ``budget`` datagrams) and returns
-    how many datagrams it read.  Readability wake-ups closer together than
-    ``delay`` mean the timer would wake less often: after ``TO_TIMER`` of them
-    in a row, switch to it.  After ``TO_READABILITY`` empty timer reads in a
-    row the traffic is gone: back to readability, so a quiet fleet costs no
-    timer.
+    how many datagrams it read.
     """
 
     def __init__(
@@ -72,13 +87,20 @@ class Coalescer:
         self._loop = loop
         self._fd = fd
         self._read = read
-        self._delay = delay
+        self._delay = delay  # the shortest interval (batch_delay); 0: no timer
+        self._longest = max(delay, SPARSE_DELAY)
+        self._interval = self._longest
         self._budget = budget
         self._clock = clock
         self._timer: asyncio.Handle | None = None
         self._last_ready = -math.inf  # the last readability wake-up
         self._streak = 0  # close wake-ups, or empty timer reads, in a row
         self.wakeups = 0  # reads so far (readability and timer)
+
+    @property
+    def interval(self) -> float | None:
+        """The timer's interval, or None while reading on readability."""
+        return None if self._timer is None else self._interval
 
     def start(self) -> None:
         """Wait for the first datagram."""
@@ -94,13 +116,14 @@ class Coalescer:
     def _on_readable(self) -> None:
         self.wakeups += 1
         now = self._clock()
-        close = now - self._last_ready < self._delay
+        close = now - self._last_ready < self._longest
         self._last_ready = now
         self._streak = self._streak + 1 if close else 0
-        if self._read() and self._streak >= TO_TIMER:
+        if self._read() and self._delay and self._streak >= TO_TIMER:
             self._streak = 0
             self._loop.remove_reader(self._fd)
-            self._timer = self._loop.call_later(self._delay, self._on_timer)
+            self._interval = self._longest
+            self._timer = self._loop.call_later(self._interval, self._on_timer)
 
     def _on_timer(self) -> None:
         self.wakeups += 1
@@ -108,13 +131,18 @@ class Coalescer:
         self._streak = 0 if n else self._streak + 1
         if n >= self._budget:  # more is queued: read again after other work
             self._timer = self._loop.call_soon(self._on_timer)
-        elif self._streak < TO_READABILITY:
-            self._timer = self._loop.call_later(self._delay, self._on_timer)
-        else:  # the traffic is gone: wait for readability
+            return
+        if self._streak >= TO_READABILITY:  # the traffic is gone
             self._timer = None
             self._streak = 0
             self._last_ready = -math.inf
             self._loop.add_reader(self._fd, self._on_readable)
+            return
+        if n > SHRINK_ABOVE:
+            self._interval = max(self._interval / 2, self._delay)
+        elif n < GROW_BELOW:
+            self._interval = min(self._interval * 2, self._longest)
+        self._timer = self._loop.call_later(self._interval, self._on_timer)
 
 
 class Receiver:

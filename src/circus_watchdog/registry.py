@@ -125,27 +125,70 @@ class Registry:
 
     def apply_listing(
         self, listing: Mapping[str, Iterable[object]], now: float, *, fresh: bool
-    ) -> None:
+    ) -> int:
         """Make the monitored set circusd's: ``listing`` maps every watcher
         name that ``matches`` to its pids.  ``fresh`` restarts every timeout
-        (after a reconnection)."""
+        (after a reconnection).  Returns how many pids it learnt."""
         churn, self._churn = self._churn or {}, None
         found = self._sort_listing(listing)
         for watcher in self._watchers:
             self._learn_timeout(watcher)
         if fresh:
             self._late.clear()  # every timeout restarts: nobody is late
+        return self._admit(found, churn, now, fresh=fresh, only=None)
+
+    def apply_watcher(
+        self, watcher: str, pids: Iterable[object] | None, now: float
+    ) -> int:
+        """The same for one watcher: ``pids`` as ``list`` gave them, None if
+        circusd does not know the watcher (now).  Returns how many pids it
+        learnt."""
+        churn, self._churn = self._churn or {}, None
+        valid = [p for p in pids or () if is_pid(p)]
+        if self._self_pids.intersection(valid):
+            self._self_watchers.add(watcher)
+        self._excluded.pop(watcher, None)
+        self._watchers.discard(watcher)
+        found: dict[int, str] = {}
+        if pids is not None and self.wants(watcher):
+            self._watchers.add(watcher)
+            self._learn_timeout(watcher)
+            found = dict.fromkeys(valid, watcher)
+        elif pids is not None and self.matches(watcher):
+            self._excluded[watcher] = len(valid)
+        return self._admit(found, churn, now, fresh=False, only=watcher)
+
+    def _admit(
+        self,
+        found: dict[int, str],
+        churn: dict[int, str],
+        now: float,
+        *,
+        fresh: bool,
+        only: str | None,
+    ) -> int:
+        # The table follows ``found`` (of watcher ``only``, or of every one).
+        def mine(watcher: str) -> bool:
+            return only is None or watcher == only
+
         for pid in self.table.pids():
-            if pid not in found and pid not in churn:
+            if (
+                pid not in found
+                and pid not in churn
+                and mine(self.table.watcher_of(pid))
+            ):
                 self.table.remove(pid)
                 self._late.pop(pid, None)
-        for pid in [p for p in self._killed if p not in found]:
+        for pid in [p for p, w in self._killed.items() if p not in found and mine(w)]:
             del self._killed[pid]  # gone from circusd's list: nothing to guard
+        learnt = 0
         for pid, watcher in found.items():
             if pid in churn or pid in self._killing or pid in self._killed:
                 continue  # an event since `list`, or a kill, knows better
             if fresh or pid not in self.table or self.table.watcher_of(pid) != watcher:
+                learnt += pid not in self.table
                 self.table.add(pid, watcher, now)
+        return learnt
 
     def _sort_listing(self, listing: Mapping[str, Iterable[object]]) -> dict[int, str]:
         # The monitored pids of a listing; notes our own watcher, the monitored

@@ -2,10 +2,23 @@
 
 - A re-sync reads every watcher's pids with ``list`` (one call for the names,
   one per wanted watcher) and hands them to the registry.  It runs at start,
-  after each reconnection (then with fresh timeouts: our view may be stale),
-  every ``resync_interval`` seconds, and after watcher-level events.  A failed
-  one is retried with back-off.
+  after each reconnection (then with fresh timeouts: our view may be stale)
+  and every ``resync_interval`` seconds.  A failed one is retried with
+  back-off.
 - Events (``spawn``, ``reap``, ``kill``) go to the registry as they come.
+- A watcher-level event (``start``, ``stop``, ``add``, ``remove``, ``reload``,
+  ``updated``) re-lists that watcher alone (``list name=W``): events that come
+  within ``GATHER`` seconds are listed once, so circusd starting 50 watchers
+  answers about 50 small listings, not 50 full ones.  The watcher is listed
+  once more ``SETTLE`` seconds later: circusd registers a watcher that
+  ``reloadconfig`` re-created only after its ``start`` event, and a listing
+  taken before that finds no such watcher (its pids would then stay
+  unmonitored until the next re-sync).  So after any watcher operation the
+  monitored set is circusd's within a second.
+- Heartbeats from pids that are not monitored (``unknown``) ask for a re-sync,
+  at most every ``UNKNOWN_RELIST`` seconds; while such re-syncs find nothing
+  new the gap doubles, up to ``resync_interval``, so forged pids cannot make
+  circusd answer listings at any rate.
 - ``connected`` is true from a successful re-sync until circusd is lost or a
   re-sync fails: the engine kills nothing unless it is true, so nothing is
   killed on stale state.  While circusd does not answer, a warning says so at
@@ -17,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .circusd import RESYNC_ACTIONS, CircusError, Event
+from .circusd import RESYNC_ACTIONS, CallTimeout, CircusError, Event
 from .metrics import Metrics
 from .registry import Registry
 
@@ -29,6 +43,10 @@ logger = logging.getLogger("circus.watchdog")
 
 RETRY_MIN, RETRY_MAX = 0.25, 5.0  # seconds of back-off between failed re-syncs
 WARN_INTERVAL = 30.0  # seconds between "circusd does not answer" warnings
+GATHER = 0.05  # seconds: watcher events this close together, one listing
+SETTLE = 0.5  # seconds: a watcher operation's watcher is listed again then
+UNKNOWN_RELIST = 2.0  # seconds: the shortest gap between unknown-pid re-syncs
+UNKNOWN_CHECK = 0.25  # seconds between looks at the unknown-pid count
 
 
 class Caller(Protocol):
@@ -66,8 +84,17 @@ class Sync:
         self.clock = clock
         self.connected = False
         self._fresh = True  # the next re-sync restarts every timeout
-        self._wanted = asyncio.Event()
+        self._full = True  # a re-sync is wanted (not only watcher listings)
+        self._wanted = asyncio.Event()  # wakes run_resyncs
         self._warned_at: float | None = None  # last "does not answer" warning
+        # watcher -> (when to list it, loop time; whether it is the SETTLE one)
+        self._relists: dict[str, tuple[float, bool]] = {}
+        self._next_full = 0.0  # loop time of the next periodic re-sync
+        self._unknown_mark = 0  # metrics.unknown at the last re-sync
+        self._unknown_gap = UNKNOWN_RELIST
+        self._unknown_next = 0.0  # loop time an unknown pid may ask again
+        self._for_unknown = False  # the coming re-sync is for unknown pids
+        self.relists = 0  # single-watcher listings so far
 
     # -- circusd's connection (CommandClient callbacks) ----------------------
 
@@ -84,6 +111,15 @@ class Sync:
     def request_resync(self, *, fresh: bool = False) -> None:
         """Re-read the pids soon; ``fresh`` restarts every timeout."""
         self._fresh = self._fresh or fresh
+        self._full = True
+        self._wanted.set()
+
+    def request_relist(self, watcher: str) -> None:
+        """List ``watcher`` soon (and once more after SETTLE seconds)."""
+        due, settling = self._relists.get(watcher, (math.inf, True))
+        if settling:  # not pending yet: gather what comes in the next GATHER s
+            due = self._now() + GATHER
+        self._relists[watcher] = (due, False)
         self._wanted.set()
 
     # -- re-syncs ------------------------------------------------------------
@@ -97,9 +133,15 @@ class Sync:
         except BaseException:
             self.registry.abort_listing()
             raise
-        self.registry.apply_listing(listing, self.clock(), fresh=fresh)
+        learnt = self.registry.apply_listing(listing, self.clock(), fresh=fresh)
+        self._full = False
         if fresh:
             self._fresh = False
+        if self._for_unknown:  # learnt nothing: forged pids, or other watchers'
+            gap = UNKNOWN_RELIST if learnt else 2 * self._unknown_gap
+            self._unknown_gap = min(gap, max(self.resync_interval, UNKNOWN_RELIST))
+            self._unknown_next = self._now() + self._unknown_gap
+            self._for_unknown = False
         if not self.connected or self._warned_at is not None:
             logger.info(
                 "synced with circusd at %s: %d pid(s) monitored%s",
@@ -118,29 +160,86 @@ class Sync:
             # Excluded watchers are read too: to find the one running us, and
             # to count what is excluded.
             if isinstance(name, str) and self.registry.matches(name):
-                reply = await self.client.call("list", name=name)
-                pids = reply.get("pids", [])
-                listing[name] = pids if isinstance(pids, list) else []
+                pids = await self._pids(name)
+                if pids is not None:  # gone meanwhile
+                    listing[name] = pids
         return listing
 
+    async def _pids(self, watcher: str) -> list[Any] | None:
+        # One watcher's pids; None if circusd does not know it (now).
+        try:
+            reply = await self.client.call("list", name=watcher)
+        except CallTimeout:
+            raise
+        except CircusError:  # "program W not found": removed, or re-created
+            self._relists.setdefault(watcher, (self._now() + SETTLE, True))
+            return None
+        pids = reply.get("pids", [])
+        return pids if isinstance(pids, list) else []
+
+    async def relist(self, watcher: str) -> None:
+        """List one watcher and apply it; CircusError if circusd fails."""
+        self.registry.begin_listing()
+        try:
+            pids = await self._pids(watcher)
+        except BaseException:
+            self.registry.abort_listing()
+            raise
+        self.registry.apply_watcher(watcher, pids, self.clock())
+        self.relists += 1
+
     async def run_resyncs(self) -> None:
-        """Re-sync at once, then on request and every resync_interval,
-        retrying failures."""
+        """Re-sync at once, then on request, every resync_interval and for
+        unknown pids; list watchers after their events; retry failures."""
         delay = RETRY_MIN
         self._wanted.set()  # a circusd that never answers must be reported
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wanted.wait(), self.resync_interval)
-            self._wanted.clear()
+            await self._sleep()
             try:
-                await self.resync()
+                await self._due_work()
             except CircusError as exc:
                 self._failed(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
-                self._wanted.set()
+                self.request_resync()
             else:
                 delay = RETRY_MIN
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _sleep(self) -> None:
+        # Until a request, a watcher listing or a re-sync is due, or the next
+        # look at the unknown-pid count.
+        dues = [self._next_full, *(due for due, _ in self._relists.values())]
+        if self.connected:
+            dues.append(self._now() + UNKNOWN_CHECK)
+        wait = min(dues) - self._now()
+        if wait > 0 and not self._wanted.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), wait)
+        self._wanted.clear()
+
+    async def _due_work(self) -> None:
+        now = self._now()
+        unknown = self.metrics.unknown > self._unknown_mark
+        if unknown and now >= self._unknown_next and not self._full:
+            self._full = self._for_unknown = True
+        if self._full or now >= self._next_full:
+            self._next_full = now + self.resync_interval
+            self._unknown_mark = self.metrics.unknown
+            await self.resync()
+        for watcher, entry in sorted(self._relists.items()):
+            if entry[0] <= now:
+                await self.relist(watcher)
+                if self._relists.get(watcher) == entry:  # no event meanwhile
+                    self._after_relist(watcher, entry)
+
+    def _after_relist(self, watcher: str, entry: tuple[float, bool]) -> None:
+        if entry[1]:  # the SETTLE listing: done
+            del self._relists[watcher]
+        else:
+            self._relists[watcher] = (self._now() + SETTLE, True)
 
     def _failed(self, exc: CircusError) -> None:
         self.connected = False
@@ -159,7 +258,8 @@ class Sync:
     def apply(self, event: Event) -> None:
         """Apply one circusd event."""
         if event.action in RESYNC_ACTIONS:
-            self.request_resync()
+            if self.registry.matches(event.watcher):
+                self.request_relist(event.watcher)
         else:
             self.registry.apply_event(
                 event.watcher, event.action, event.data.get("process_pid"), self.clock()

@@ -1,0 +1,280 @@
+"""``python -m bench.e2e.fleetrate``: the whole daemon at the rates fleets send.
+
+Fleet rates: for each fleet size N, circusd runs N real processes
+(``bench/floors/pause.c``: they sleep in ``pause()``) and the standalone
+daemon monitors them as an operator runs it (``--loop-rate 60``, with
+``--dry-run`` so nothing is killed); loadgen beats for every pid once a second
+(N heartbeats/s).  The daemon, circus 0.19's receive path (``original.py``)
+and both C floors get the same windows, interleaved and rotated
+(`matrix.rates`): CPU per heartbeat and wake-ups per second (context switches
+of all its threads).  Then freshness probes under the same traffic
+(`matrix.freshness`).  The daemon's CPU at one heartbeat per second per pid,
+per 1,000 pids, is its at-rest cost.
+
+Spawn: circusd starts 50 watchers x 100 processes with no plugin, with
+circus-watchdog as its plugin and with circus 0.19's plugin, in rotated order:
+the seconds until every process runs, circusd's CPU by then, and circusd's CPU
+over the next ``REST`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from harness import fetch_status, free_ports, start_circusd, wait_for
+
+from . import matrix
+from .accounting import cpu_seconds
+from .cli import machine
+from .fleet import fleet
+from .floors import FLOORS, PAUSE, build
+from .receivers import DaemonReceiver, FloorReceiver, OriginalReceiver
+from .report import _fmt, paired, spread
+from .sender import ROOT, Sender, pinned
+
+Log = Callable[[str], None]
+RCVBUF = 8 << 20  # the daemon's default, for the original and the floors
+SPAWN_WATCHERS, SPAWN_PROCS = 50, 100
+SPAWN_LIMIT = 300.0  # seconds for circusd to start the spawn fleet
+SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
+REST = 10.0  # seconds of circusd at rest after the spawn
+PLUGINS = {
+    "off": None,
+    "circus-watchdog": "circus_watchdog.plugin.WatchDog",
+    "circus-0.19": "circus.plugins.watchdog.WatchDog",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e.fleetrate")
+    p.add_argument("--pids", default="1000,5000,20000", help="fleet sizes")
+    p.add_argument("--window", type=float, default=10.0, help="seconds per window")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions")
+    p.add_argument("--probes", type=int, default=7, help="freshness probes, 0: none")
+    p.add_argument("--spawn-repeats", type=int, default=2, help="0: no spawn phase")
+    p.add_argument("--no-pin", dest="pin", action="store_false")
+    p.add_argument("--out", type=Path, help="results JSON")
+    p.add_argument("--report-only", type=Path, metavar="RESULTS_JSON")
+    args = p.parse_args(argv)
+    args.sizes = [int(n) for n in args.pids.split(",") if n.strip()]
+    return args
+
+
+def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    """The four receivers on a fleet of ``n`` pids beating once a second."""
+    exe = build(workdir, (*FLOORS, PAUSE))
+    rx_cpu = 1 if args.pin else None
+    (workdir / f"fleet{n}").mkdir()
+    with fleet(workdir / f"fleet{n}", n, rx_cpu, str(exe[PAUSE])) as fl:
+        if args.pin:
+            os.sched_setaffinity(0, {0})
+        sender = Sender(fl.circusd.endpoint, "^fleet$", 0 if args.pin else None)
+        daemon = fl.daemon("daemon", "--loop-rate", "60")
+        version = daemon.proc.status()["version"]
+        log(f"{n} pids under circusd; daemon {version}")
+        pin = pinned(rx_cpu)
+        receivers = [
+            DaemonReceiver("daemon", daemon.proc, daemon.port),
+            OriginalReceiver(RCVBUF, fl.pids, pin),
+            FloorReceiver(exe["floor_block"], RCVBUF, pin),
+            FloorReceiver(exe["floor_sleep"], RCVBUF, pin),
+        ]
+        rows = matrix.rates(receivers, sender, [str(n)], args.window, args.repeats, log)
+        out: dict[str, Any] = {"pids": n, "version": version, "rows": rows}
+        if args.probes:
+            out["freshness"] = matrix.freshness(
+                daemon, fl.probe, sender, str(n), args.probes, log
+            )
+    return out
+
+
+def spawn_once(workdir: Path, plugin: str | None) -> dict[str, Any]:
+    """circusd starting the spawn fleet with ``plugin`` (None: no plugin)."""
+    exe = build(workdir, (PAUSE,))[PAUSE]
+    udp, metrics = free_ports(2)
+    sections = "".join(
+        f"[watcher:w{i}]\ncmd = {exe}\nnumprocesses = {SPAWN_PROCS}\n\n"
+        for i in range(SPAWN_WATCHERS)
+    )
+    if plugin is not None:
+        sections += f"[plugin:watchdog]\nuse = {plugin}\nport = {udp}\n"
+        if plugin.startswith("circus_watchdog"):
+            sections += f"dry_run = true\nmetrics_port = {metrics}\n"
+    want = SPAWN_WATCHERS * SPAWN_PROCS
+    circusd = start_circusd(workdir, sections)
+    try:
+        proc = psutil.Process(circusd.proc.pid)
+
+        def spawned() -> float | None:
+            n = 0
+            for kid in proc.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    n += kid.name() == PAUSE
+            return time.time() if n >= want else None
+
+        done = wait_for(spawned, SPAWN_LIMIT, SPAWN_POLL)
+        cpu_spawn = cpu_seconds(proc.pid)
+        time.sleep(REST)
+        cpu_rest = cpu_seconds(proc.pid) - cpu_spawn
+        status = fetch_status(metrics) if plugin else None
+    finally:
+        circusd.stop()
+    return {
+        "spawn_seconds": round(done - proc.create_time(), 2),
+        "circusd_cpu_spawn": round(cpu_spawn, 2),
+        "circusd_cpu_rest_percent": round(cpu_rest / REST * 100, 2),
+        "monitored": None if status is None else len(status["pids"]),
+    }
+
+
+def spawns(workdir: Path, repeats: int, log: Log) -> list[dict[str, Any]]:
+    """Every plugin setting ``repeats`` times, order rotated."""
+    rows = []
+    names = list(PLUGINS)
+    for rep in range(repeats):
+        for pos in range(len(names)):
+            name = names[(rep + pos) % len(names)]
+            sub = workdir / f"spawn{rep}-{pos}"
+            sub.mkdir()
+            row = spawn_once(sub, PLUGINS[name])
+            row.update(plugin=name, repeat=rep, position=pos)
+            log(f"spawn #{rep} {name:>16}: {row}")
+            rows.append(row)
+    return rows
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """Medians [min-max] per fleet size and receiver, and the paired ratios."""
+    out: dict[str, Any] = {}
+    for fl in res.get("fleets", []):
+        rows, n = fl["rows"], fl["pids"]
+        cell: dict[str, Any] = {}
+        for kind in sorted({r["receiver"] for r in rows}):
+            mine = [r for r in rows if r["receiver"] == kind]
+            cell[kind] = {
+                key: spread(r.get(key) for r in mine)
+                for key in ("ran_us_per_hb", "cpu_us_per_hb", "wakeups_per_s", "cpu")
+            }
+        daemon_cpu = cell["daemon"]["cpu"]
+        if daemon_cpu:  # % of a core per 1,000 pids at one heartbeat/s per pid
+            window = rows[0]["window"]
+            percent = daemon_cpu["median"] / window * 100
+            cell["daemon_percent_per_1000_pids"] = percent * 1000 / n
+        for num, den in (("original", "daemon"), ("daemon", "floor_sleep")):
+            for key in ("ran_us_per_hb", "cpu_us_per_hb"):
+                ratio = paired(rows, num, den, key).get(str(n))
+                cell[f"{num} / {den} ({key})"] = ratio
+        if "freshness" in fl:
+            cell["freshness_ms"] = {
+                k: spread(d * 1e3 for d in fl["freshness"][k]["delays"])
+                for k in ("idle", "flood")
+            }
+        out[str(n)] = cell
+    for name in PLUGINS:
+        mine = [r for r in res.get("spawn", []) if r["plugin"] == name]
+        if mine:
+            keys = ("spawn_seconds", "circusd_cpu_spawn", "circusd_cpu_rest_percent")
+            out[f"spawn {name}"] = {k: spread(r[k] for r in mine) for k in keys}
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of a run's summary (medians [min-max])."""
+    summ = summary(res)
+    out = [
+        "| pids = heartbeats/s | receiver | CPU us/heartbeat (schedstat) "
+        "| CPU us/heartbeat (psutil) | wake-ups/s |",
+        "|--:|---|--:|--:|--:|",
+    ]
+    ratios = [
+        "| pids | original / daemon | daemon / floor_sleep | freshness idle, "
+        "ms | freshness under the fleet, ms | daemon % of a core per 1,000 pids |",
+        "|--:|--:|--:|--:|--:|--:|",
+    ]
+    for n, cell in summ.items():
+        if n.startswith("spawn"):
+            continue
+        for kind in ("daemon", "original", "floor_block", "floor_sleep"):
+            c = cell[kind]
+            out.append(
+                f"| {int(n):,} | {kind} | {_fmt(c['ran_us_per_hb'])} | "
+                f"{_fmt(c['cpu_us_per_hb'])} | {_fmt(c['wakeups_per_s'], '.0f')} |"
+            )
+        fresh = cell.get("freshness_ms", {})
+        ratios.append(
+            f"| {int(n):,} | {_fmt(cell['original / daemon (ran_us_per_hb)'])} | "
+            f"{_fmt(cell['daemon / floor_sleep (ran_us_per_hb)'])} "
+            f"({_fmt(cell['daemon / floor_sleep (cpu_us_per_hb)'])} psutil) | "
+            f"{_fmt(fresh.get('idle'))} | {_fmt(fresh.get('flood'))} | "
+            f"{cell.get('daemon_percent_per_1000_pids', 0):.2g} |"
+        )
+    spawn = [
+        "| plugin | spawn seconds | circusd CPU s by then | circusd % at rest |",
+        "|---|--:|--:|--:|",
+    ]
+    for name in PLUGINS:
+        c = summ.get(f"spawn {name}")
+        if c:
+            cpu, rest = c["circusd_cpu_spawn"], c["circusd_cpu_rest_percent"]
+            spawn.append(
+                f"| {name} | {_fmt(c['spawn_seconds'])} | {_fmt(cpu)} | {_fmt(rest)} |"
+            )
+    return "\n".join([*out, "", *ratios, "", *spawn])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        print(markdown(json.loads(args.report_only.read_text())))
+        return 0
+    started = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = args.out or ROOT / "bench" / "results" / f"fleet-{now:%Y-%m-%dT%H%M}.json"
+    res: dict[str, Any] = {
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench.e2e.fleetrate", *sys.argv[1:]]),
+        "machine": machine(),
+        "args": {
+            k: v for k, v in vars(args).items() if k not in ("out", "report_only")
+        },
+        "fleets": [],
+    }
+
+    def save() -> None:
+        res["runtime_seconds"] = round(time.monotonic() - started, 1)
+        res["summary"] = summary(res)
+        out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="circus-watchdog-fleet-") as tmp:
+            for n in args.sizes:
+                res["fleets"].append(rates(Path(tmp), n, args, log))
+                save()
+            if args.spawn_repeats:
+                res["spawn"] = spawns(Path(tmp), args.spawn_repeats, log)
+    finally:
+        res["machine"]["loadavg_end"] = os.getloadavg()
+        save()
+        log(f"results: {out}")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
