@@ -320,15 +320,27 @@ def test_after_the_storm_a_lone_hang_is_killed_on_time() -> None:
     assert d.examine == [5] and d.hold == []
 
 
-def test_storm_line_counts_silent_and_killed_apart(caplog: Any) -> None:
+def test_storm_line_counts_silent_and_killed_of_one_fleet(caplog: Any) -> None:
     caplog.set_level(logging.ERROR, "circus.watchdog")
     p = KillPolicy(T)
     assert decide(p, 10.0, [1, 2], 3).kill == [1, 2]  # 2 of 5
-    # The two killed pids left the table: 3 monitored, 2 of them silent.
+    # The two killed pids left the table (3 monitored): they still count as
+    # monitored, else 2 silent + 2 killed would read "4 of 3".
     d = p.decide(10.1, late(3, 4, now=10.1), monitored=3, silent=2)
     assert len(d.hold) == 2
     (line,) = [r.getMessage() for r in caplog.records]
-    assert (
-        "2 of 3 monitored pids are silent now, and 2 more were killed within 3 s"
-        in line
-    )
+    assert "4 of 5 monitored pids are silent now or were killed within 3 s" in line
+    assert "(2 silent, 2 killed)" in line
+
+
+def test_two_hangs_and_a_starved_pid_in_seven_are_no_storm() -> None:
+    # The real starved test: seven pids; a starved one is held, then two hung
+    # ones are killed on evidence.  1 silent + 2 killed is 3 of 7, not a
+    # storm, though the killed pids have left the table.
+    p = KillPolicy(T, evidence=True)
+    starved = late(7, now=10.0)
+    starved[0][1].reason, starved[0][1].held_since = "starved", 10.0
+    assert p.decide(10.0, late(5, 6, now=10.0), monitored=7, silent=3).examine == [5, 6]
+    p.killed(10.2, 2)
+    d = p.decide(10.3, starved, monitored=5, silent=1)
+    assert d.examine == [7] and d.hold == []

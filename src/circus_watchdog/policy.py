@@ -19,10 +19,12 @@ expired into kills, holds and pids to examine:
   late pid (expired on this tick, held, or being examined: until it beats
   again or is killed) and the kills made within the last timeout; while a
   storm lasts (a storm hold was made within two timeouts of the held pid) its
-  kills do not age out of that count.  The share is of the pids monitored
-  now: a killed pid that circusd has not replaced yet is not counted, which
-  only makes the guard hold sooner; the storm line gives the two figures
-  apart (``N of M monitored pids are silent now, and K more were killed``).
+  kills do not age out of that count.  The share is of the fleet those
+  kills came from: the most pids monitored while the counted kills are
+  (a killed pid leaves the table until circusd replaces it; counting it as
+  silent but not as monitored would make two hung pids and one starved one
+  in a fleet of seven a storm).  The storm line says ``N of M monitored pids
+  are silent now or were killed within T s (S silent, K killed)``.
   The one rule for a storm's end: a pid held for ``storm`` stays held until
   it beats again or reaches the bound, whatever the others do (a stalled
   tick or kernel drops do not change its reason).  Its kill is never
@@ -141,6 +143,7 @@ class KillPolicy:
         self.evidence = evidence  # late pids are examined before a kill
         self._recent: collections.deque[float] = collections.deque()  # kill times
         self._storm_until = -float("inf")  # kills do not age out before then
+        self._fleet = 0  # the most pids monitored while the kills counted
         self._last_alarm = -float("inf")
 
     def decide(
@@ -203,19 +206,22 @@ class KillPolicy:
             while self._recent and self._recent[0] < window:
                 self._recent.popleft()
         killed = len(self._recent)
+        # The fleet the counted kills came from: they left the table.
+        self._fleet = max(self._fleet, monitored) if killed else monitored
         would_die = silent + killed
         storm = (
             would_die > self.storm_floor
-            and would_die > self.max_kill_fraction * monitored
+            and would_die > self.max_kill_fraction * self._fleet
         )
         if not storm:
             return ""
-        words = f"{silent} of {monitored} monitored pids are silent now"
+        during = " or during this storm" if now < self._storm_until else ""
+        words = (
+            f"{would_die} of {self._fleet} monitored pids are silent now or were "
+            f"killed within {self.timeout:g} s{during}"
+        )
         if killed:
-            during = " or during this storm" if now < self._storm_until else ""
-            words += (
-                f", and {killed} more were killed within {self.timeout:g} s{during}"
-            )
+            words += f" ({silent} silent, {killed} killed)"
         if now - self._last_alarm >= self.timeout:
             self._last_alarm = now
             logger.error(
