@@ -191,8 +191,8 @@ class Killer:
         except CircusError as exc:
             raise KillFailed(str(exc)) from None
         raise KillFailed(
-            f"pid {pid} still runs {KILL_CHECK_DELAY:g} s after its graceful "
-            f"timeout ({graceful:g} s)"
+            f"pid {pid} still runs after the kill (its graceful timeout "
+            f"{graceful:g} s, and {KILL_CHECK_DELAY:g} s more)"
         )
 
     async def _graceful_timeout(self, watcher: str) -> float:
