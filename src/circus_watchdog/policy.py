@@ -20,8 +20,8 @@ expired into kills, holds and pids to examine:
   again or is killed) and the kills made within the last timeout; while a
   storm lasts (a storm hold was made within two timeouts of the held pid) its
   kills do not age out of that count.  The share is of the fleet those
-  kills came from: the most pids monitored while the counted kills are
-  (a killed pid leaves the table until circusd replaces it; counting it as
+  kills came from: the most pids monitored since the oldest kill still
+  counted (a killed pid leaves the table until circusd replaces it; counting it as
   silent but not as monitored would make two hung pids and one starved one
   in a fleet of seven a storm).  The storm line says ``N of M monitored pids
   are silent now or were killed within T s (S silent, K killed)``.
