@@ -96,8 +96,8 @@ def test_a_storm_hold_is_visible_and_its_end_logged_once(
     assert wd.metrics.kills_held["storm"] == 4
     started = [m for m in messages(caplog) if m.startswith("holding web pid")]
     assert started[0] == (
-        "holding web pid 10: storm, 4 of 4 monitored pids are silent or were "
-        "killed within 3 s"
+        "holding web pid 10: storm, 4 of 4 monitored pids are silent now or "
+        "were killed within 3 s"
     )
     assert len(started) == 4
     # Silent on: each comes back every timeout, held again, logged once only.

@@ -252,6 +252,7 @@ def test_kill_failure_is_counted(
         circusd,
         *flags("--port", str(udp)),
         *("--diagnostic-signal", "WINCH", "--diagnostic-delay", "3"),
+        *("--watchers-graceful-timeout", "1"),  # checked for 1 s + 1 s
         core=core_tag,
     )
     wait_for(lambda: hung in wd.status()["killing"], timeout=TIMEOUT + SLACK + 3)

@@ -46,7 +46,9 @@ def test_remote_kill_is_verified_through_circusd(core: ModuleType) -> None:
 
 
 def test_a_kill_circusd_does_not_carry_out_is_a_failure(core: ModuleType) -> None:
-    killer, fake = make(core, {"web": [10, 11]}, local=False)
+    killer, fake = make(
+        core, {"web": [10, 11]}, local=False, watchers_graceful_timeout="0.1"
+    )
     fake.kills_work = False  # circusd says ok, the pid stays listed
     asyncio.run(kill_and_wait(killer, 10, "web", dry_run=False))
     assert killer.metrics.kills["web"] == 0 and killer.metrics.kill_failures == 1
@@ -57,7 +59,9 @@ def test_local_kill_is_verified_in_proc(core: ModuleType) -> None:
     # the local check sees it still runs, where circusd's list would not.
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as p:
         try:
-            killer, fake = make(core, {"web": [p.pid]}, local=True)
+            killer, fake = make(
+                core, {"web": [p.pid]}, local=True, watchers_graceful_timeout="0.1"
+            )
             asyncio.run(kill_and_wait(killer, p.pid, "web", dry_run=False))
             assert killer.metrics.kill_failures == 1
             assert ("list", {"name": "web"}) not in fake.calls
@@ -114,8 +118,40 @@ def test_kill_passes_the_stop_signal_and_graceful_timeout(core: ModuleType) -> N
     asyncio.run(kill_and_wait(killer, 10, "web", dry_run=False))
     assert (
         "kill",
-        {"name": "web", "pid": 10, "signum": 9, "graceful_timeout": 3.0},
+        {
+            "name": "web",
+            "pid": 10,
+            "waiting": True,
+            "signum": 9,
+            "graceful_timeout": 3.0,
+        },
     ) in fake.calls
+    assert not [c for c in fake.calls if c[0] == "options"]
+
+
+def test_a_pid_that_outlives_the_reply_is_checked_until_its_graceful_timeout(
+    core: ModuleType,
+) -> None:
+    # A circusd that answers `kill` at once (no `waiting`) and whose watcher's
+    # graceful_timeout (read with `options`) is 0.3 s: the process dies 0.2 s
+    # after the reply, its SIGKILL, and the kill is verified, not a failure.
+    killer, fake = make(core, {"web": [10, 11]}, local=False)
+    fake.kills_work = False
+    answer = fake.call
+
+    async def call(command: str, **props: object) -> dict[str, object]:
+        if command == "options":
+            fake.calls.append((command, props))
+            return {"status": "ok", "options": {"graceful_timeout": 0.3}}
+        if command == "kill":
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, fake.watchers["web"].remove, 10)
+        return await answer(command, **props)  # type: ignore[arg-type]
+
+    fake.call = call  # type: ignore[method-assign]
+    asyncio.run(kill_and_wait(killer, 10, "web", dry_run=False))
+    assert killer.metrics.kills["web"] == 1 and killer.metrics.kill_failures == 0
+    assert ("options", {"name": "web"}) in fake.calls
 
 
 @pytest.mark.parametrize(

@@ -56,9 +56,10 @@ class Fleet:
             del self.late[pid]
             self.killed.append(pid)
             self.held.discard(pid)
-        for pid, _ in d.hold:
+        for pid, reason in d.hold:
             if self.late[pid].held_since is None:
                 self.late[pid].held_since = now
+            self.late[pid].reason = reason
             self.held.add(pid)
         return d
 
@@ -262,3 +263,84 @@ def test_a_stall_mid_evidence_watches_on_instead_of_holding() -> None:
         10.0, expired, monitored=10, silent=2, stalled=True
     )
     assert d.hold == [(1, "stall")] and d.watch == [2] and d.kill == []
+
+
+def test_storm_holds_last_as_the_storm_ebbs() -> None:
+    # The flush of issue 14's real test: eight pids, six silent; three are
+    # killed before the guard trips, three held.  Two held ones resume: one
+    # silent + three kills is no longer over half of eight, yet the last held
+    # pid stays held (it may be about to beat) until it beats or the bound.
+    p = KillPolicy(T)
+    f = Fleet(p, 8)
+    t0 = 100.0
+    assert f.expire(t0, [1, 2]).kill == [1, 2]
+    assert f.expire(t0 + TICK, [3]).kill == [3]  # 3 of 8: within the share
+    assert f.expire(t0 + 2 * TICK, [4, 5, 6]).hold == [
+        (p_, "storm") for p_ in (4, 5, 6)
+    ]
+    f.resume(4)
+    f.resume(5)
+    now = t0 + 2 * TICK
+    while now + T + TICK < t0 + 2 * TICK + HOLD_LIMIT * T:
+        now += T + TICK
+        d = f.expire(now, [6])
+        assert d.kill == [] and d.hold == [(6, "storm")], now
+    # A real hang among the held ones is killed at the bound.
+    now += T + TICK
+    assert f.expire(now, [6]).kill == [6]
+    assert f.killed == [1, 2, 3, 6]
+
+
+def test_a_storm_hold_survives_a_stalled_tick_and_kernel_drops() -> None:
+    p = KillPolicy(T)
+    f = Fleet(p, 5)
+    assert f.expire(100.0, [1, 2, 3, 4]).hold  # a storm: all held
+    for pid in (1, 2, 3):
+        f.resume(pid)
+    expired = [(4, f.late[4])]
+    d = p.decide(100.0 + T, expired, monitored=5, silent=1, stalled=True)
+    assert d.hold == [(4, "storm")]
+    d = p.decide(100.0 + T, expired, monitored=5, silent=1, dropped=3)
+    assert d.hold == [(4, "storm")]
+    assert f.expire(100.0 + 2 * T, [4]).hold == [(4, "storm")]
+
+
+def test_after_the_storm_a_lone_hang_is_killed_on_time() -> None:
+    p = KillPolicy(T, evidence=True)
+    f = Fleet(p, 5)
+    assert f.expire(100.0, [1, 2]).examine == [1, 2]
+    p.killed(100.0 + TICK, 2)  # killed on evidence
+    f.late.pop(1), f.late.pop(2)
+    assert len(f.expire(100.0 + TICK, [3, 4]).hold) == 2
+    f.resume(3)
+    f.resume(4)  # the storm is over: its last hold was made at 100.1
+    # Two timeouts after the last storm hold its kills age out: a lone hang is
+    # examined (then killed) at its timeout, not held.
+    d = f.expire(100.0 + TICK + 2 * T, [5])
+    assert d.examine == [5] and d.hold == []
+
+
+def test_storm_line_counts_silent_and_killed_of_one_fleet(caplog: Any) -> None:
+    caplog.set_level(logging.ERROR, "circus.watchdog")
+    p = KillPolicy(T)
+    assert decide(p, 10.0, [1, 2], 3).kill == [1, 2]  # 2 of 5
+    # The two killed pids left the table (3 monitored): they still count as
+    # monitored, else 2 silent + 2 killed would read "4 of 3".
+    d = p.decide(10.1, late(3, 4, now=10.1), monitored=3, silent=2)
+    assert len(d.hold) == 2
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "4 of 5 monitored pids are silent now or were killed within 3 s" in line
+    assert "(2 silent, 2 killed)" in line
+
+
+def test_two_hangs_and_a_starved_pid_in_seven_are_no_storm() -> None:
+    # The real starved test: seven pids; a starved one is held, then two hung
+    # ones are killed on evidence.  1 silent + 2 killed is 3 of 7, not a
+    # storm, though the killed pids have left the table.
+    p = KillPolicy(T, evidence=True)
+    starved = late(7, now=10.0)
+    starved[0][1].reason, starved[0][1].held_since = "starved", 10.0
+    assert p.decide(10.0, late(5, 6, now=10.0), monitored=7, silent=3).examine == [5, 6]
+    p.killed(10.2, 2)
+    d = p.decide(10.3, starved, monitored=5, silent=1)
+    assert d.examine == [7] and d.hold == []

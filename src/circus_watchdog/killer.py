@@ -7,11 +7,16 @@ process, logs the kill line, runs ``diagnostic_command`` (bounded by
 circusd's pids are ours (it may run in another pid namespace), so a pid is
 inspected only if its parent here is circusd, whose pid ``dstats`` tells.
 
-circusd answers ``kill`` once the process is gone (up to its
-graceful_timeout later, when it SIGKILLs), but it also answers "ok" for a pid
-it no longer knows, so every kill is verified: through the local ``/proc``
+circusd's ``kill`` sends the stop signal and SIGKILLs the process if it
+still runs ``graceful_timeout`` later; it answers at once unless asked to
+wait (``waiting``), and answers "ok" for a pid it no longer knows.  So the
+kill asks circusd to wait, and is then verified: through the local ``/proc``
 where circusd runs on this host and in this pid namespace, else through
-circusd's own ``list``.  A dry run only reports.  A kill task that fails
+circusd's own ``list``, until the pid is gone or, counted from the kill,
+the graceful timeout in use (``watchers_graceful_timeout``, else the
+watcher's own, read with ``options``, at most ``MAX_GRACEFUL``) and
+``KILL_CHECK_DELAY`` more have passed (a circusd that answers at once is
+checked that long too).  A dry run only reports.  A kill task that fails
 (a bug: every expected failure is handled inside it) is logged, never lost.
 """
 
@@ -34,9 +39,10 @@ from .values import split_tcp
 
 logger = logging.getLogger("circus.watchdog")
 
-KILL_CHECK_DELAY = 1.0  # seconds after circusd's kill reply the pid may linger
-KILL_CHECKS = 10
+KILL_CHECK_DELAY = 1.0  # seconds a pid may linger after its SIGKILL
+KILL_CHECK_INTERVAL = 0.1  # seconds between two checks that it is gone
 CIRCUS_GRACEFUL_TIMEOUT = 30.0  # circus's default graceful_timeout, seconds
+MAX_GRACEFUL = 300.0  # a longer graceful_timeout from circusd counts as this
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -160,27 +166,48 @@ class Killer:
         return pid if isinstance(pid, int) and pid > 0 else 0
 
     async def _call_kill(self, pid: int, watcher: str) -> None:
-        props: dict[str, Any] = {"name": watcher, "pid": pid}
+        graceful = await self._graceful_timeout(watcher)
+        props: dict[str, Any] = {"name": watcher, "pid": pid, "waiting": True}
         if self.config.watchers_stop_signal is not None:
             props["signum"] = self.config.watchers_stop_signal
-        graceful = self.config.watchers_graceful_timeout
-        if graceful is not None:
+        if self.config.watchers_graceful_timeout is not None:
             props["graceful_timeout"] = graceful
-        # circusd answers once the process is gone, up to graceful_timeout
-        # later (then it SIGKILLs), so the reply may take that long.
-        wait = self.config.call_timeout + (
-            CIRCUS_GRACEFUL_TIMEOUT if graceful is None else graceful
-        )
         local = self.local and alive(pid)  # same host, same pid namespace
+        start = time.monotonic()
         try:
-            await self.client.call("kill", timeout=wait, **props)
-            for _ in range(KILL_CHECKS):
+            # The reply comes once the process is gone or SIGKILLed.
+            await self.client.call(
+                "kill", timeout=self.config.call_timeout + graceful, **props
+            )
+            deadline = max(time.monotonic(), start + graceful) + KILL_CHECK_DELAY
+            for _ in range(
+                int((graceful + KILL_CHECK_DELAY) / KILL_CHECK_INTERVAL) + 2
+            ):
                 if not await self._still_there(pid, watcher, local):
                     return
-                await asyncio.sleep(KILL_CHECK_DELAY / KILL_CHECKS)
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(KILL_CHECK_INTERVAL)
         except CircusError as exc:
             raise KillFailed(str(exc)) from None
-        raise KillFailed(f"pid {pid} still runs after the kill")
+        raise KillFailed(
+            f"pid {pid} still runs after the kill (its graceful timeout "
+            f"{graceful:g} s, and {KILL_CHECK_DELAY:g} s more)"
+        )
+
+    async def _graceful_timeout(self, watcher: str) -> float:
+        """Seconds circusd waits after the stop signal before its SIGKILL."""
+        graceful = self.config.watchers_graceful_timeout
+        if graceful is not None:
+            return graceful
+        try:
+            options = (await self.client.call("options", name=watcher)).get("options")
+        except CircusError:
+            return CIRCUS_GRACEFUL_TIMEOUT
+        value = options.get("graceful_timeout") if isinstance(options, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return CIRCUS_GRACEFUL_TIMEOUT
+        return min(max(float(value), 0.0), MAX_GRACEFUL)
 
     async def _still_there(self, pid: int, watcher: str, local: bool) -> bool:
         if local:

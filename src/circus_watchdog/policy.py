@@ -19,10 +19,22 @@ expired into kills, holds and pids to examine:
   late pid (expired on this tick, held, or being examined: until it beats
   again or is killed) and the kills made within the last timeout; while a
   storm lasts (a storm hold was made within two timeouts of the held pid) its
-  kills do not age out of that count.  So silences that come together, spread
-  over ticks or over a whole ``loop_rate``, end the same way: at most the
-  allowed share is killed over the whole storm, and the rest are held until
-  they beat again (never killed for resuming) or reach the bound.
+  kills do not age out of that count.  The share is of the fleet those
+  kills came from: the most pids monitored since the oldest kill still
+  counted (a killed pid leaves the table until circusd replaces it; counting it as
+  silent but not as monitored would make two hung pids and one starved one
+  in a fleet of seven a storm).  The storm line says ``N of M monitored pids
+  are silent now or were killed within T s (S silent, K killed)``.
+  The one rule for a storm's end: a pid held for ``storm`` stays held until
+  it beats again or reaches the bound, whatever the others do (a stalled
+  tick or kernel drops do not change its reason).  Its kill is never
+  re-decided as the storm ebbs, so nothing is flushed when heartbeats
+  resume: the pids killed over the whole storm are those killed before the
+  guard tripped, at most the allowed share.  A pid that expires after the
+  storm is decided afresh: once the storm's holds are over and its kills
+  have aged out, a lone hang is killed on time; a real hang among the held
+  ones is killed at the bound.  So silences that come together, spread over
+  ticks or over a whole ``loop_rate``, end the same way.
 - Evidence (``starved``, ``traced``): where circusd's pids can be read in
   ``/proc``, a late pid is examined before it is killed (how: `evidence`):
   the policy hands it to the engine as ``examine``, and `judge` decides on
@@ -83,7 +95,7 @@ class Decision:
     watch: list[int] = field(default_factory=list)  # one more evidence window
     stalled: bool = False  # nothing killed: the watchdog itself ran late
     dry_run: bool = False  # ``kill`` is only to be reported
-    storm: str = ""  # the storm, in words, when the guard holds
+    storm: str = ""  # the storm, in words, for the storm holds
 
 
 def at_bound(late: Late, now: float) -> bool:
@@ -131,6 +143,7 @@ class KillPolicy:
         self.evidence = evidence  # late pids are examined before a kill
         self._recent: collections.deque[float] = collections.deque()  # kill times
         self._storm_until = -float("inf")  # kills do not age out before then
+        self._fleet = 0  # the most pids monitored while the kills counted
         self._last_alarm = -float("inf")
 
     def decide(
@@ -154,28 +167,31 @@ class KillPolicy:
             return Decision()
         if stalled or dropped:
             self._warn_own_silence(len(expired), stalled, dropped)
-            if not stalled:
-                return Decision(hold=[(p, "kernel_drops") for p, _ in expired])
+            own = "stall" if stalled else "kernel_drops"
             return Decision(
-                hold=[(p, "stall") for p, late in expired if late.reading is None],
-                watch=[p for p, late in expired if late.reading is not None],
-                stalled=True,
+                hold=[
+                    (p, late.reason if late.reason == "storm" else own)
+                    for p, late in expired
+                    if late.reading is None or not stalled
+                ],
+                watch=[p for p, late in expired if late.reading is not None]
+                if stalled
+                else [],
+                stalled=stalled,
             )
         decision = Decision(dry_run=self.dry_run)
         storm = self._storm(now, silent, monitored) if self.storm_guard else ""
-        if storm:
-            decision.storm = storm
-            for pid, late in expired:
-                if at_bound(late, now):
-                    decision.kill.append(pid)
-                else:
-                    decision.hold.append((pid, "storm"))
-                    self._storm_until = max(self._storm_until, now + 2 * late.timeout)
-        elif self.evidence:
-            decision.kill = [p for p, late in expired if at_bound(late, now)]
-            decision.examine = [p for p, late in expired if not at_bound(late, now)]
-        else:
-            decision.kill = [p for p, _ in expired]
+        decision.storm = storm or "held since the storm began"
+        for pid, late in expired:
+            if at_bound(late, now):
+                decision.kill.append(pid)
+            elif storm or late.reason == "storm":  # a storm hold lasts
+                decision.hold.append((pid, "storm"))
+                self._storm_until = max(self._storm_until, now + 2 * late.timeout)
+            elif self.evidence:
+                decision.examine.append(pid)
+            else:
+                decision.kill.append(pid)
         self.killed(now, len(decision.kill))
         return decision
 
@@ -189,17 +205,23 @@ class KillPolicy:
             window = now - self.timeout
             while self._recent and self._recent[0] < window:
                 self._recent.popleft()
-        would_die = silent + len(self._recent)
+        killed = len(self._recent)
+        # The fleet the counted kills came from: they left the table.
+        self._fleet = max(self._fleet, monitored) if killed else monitored
+        would_die = silent + killed
         storm = (
             would_die > self.storm_floor
-            and would_die > self.max_kill_fraction * monitored
+            and would_die > self.max_kill_fraction * self._fleet
         )
         if not storm:
             return ""
+        during = " or during this storm" if now < self._storm_until else ""
         words = (
-            f"{would_die} of {monitored} monitored pids are silent or were "
-            f"killed within {self.timeout:g} s"
+            f"{would_die} of {self._fleet} monitored pids are silent now or were "
+            f"killed within {self.timeout:g} s{during}"
         )
+        if killed:
+            words += f" ({silent} silent, {killed} killed)"
         if now - self._last_alarm >= self.timeout:
             self._last_alarm = now
             logger.error(
