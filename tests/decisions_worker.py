@@ -1,5 +1,6 @@
 """A watcher process for tests/test_decisions_circusd.py: it heartbeats, and
-goes silent in one of the ways issue 14 tells apart.
+goes silent in one of the ways the watchdog tells apart (asleep, spinning,
+starved, stopped under a debugger).
 
 ``python decisions_worker.py --port PORT --ctl DIR --mode MODE
 [--interval S] [--random-phase]``

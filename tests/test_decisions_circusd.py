@@ -1,4 +1,4 @@
-"""Kill only what is hung (issue 14) on a real circusd, with real processes
+"""Kill only what is hung, on a real circusd, with real processes
 (tests/decisions_worker.py) and the standalone ``circus-watchdog``:
 
 - A: with one CPU hog per CPU, a starved worker (SCHED_IDLE, autogroup nice
@@ -500,7 +500,7 @@ def test_traced_past_the_hold_bound_is_killed(
 STORM_FLOOR, MAX_KILL_FRACTION = 2, 0.5  # the defaults
 STORMS = {
     # watcher size, heartbeat interval and flags, the groups silenced and the
-    # seconds between them: four of five in two pairs 0.2 s apart (issue 14),
+    # seconds between them: four of five in two pairs 0.2 s apart,
     # and six of eight whose heartbeats had random phases over loop_rate.
     # Each group resumes on its own schedule (tests/decisions_worker.py).
     "staggered": (5, ["--interval", "0.1"], [2, 2], 0.2),

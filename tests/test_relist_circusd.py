@@ -1,4 +1,4 @@
-"""The watched set follows circusd through watcher operations (issue 16 item 4),
+"""The watched set follows circusd through watcher operations,
 on a real circusd: reloadconfig adds a watcher whose command fails, then fixes
 it with an ``[env:...]`` section (circusd re-creates the watcher), then removes
 it; after each step the daemon monitors exactly what circusd lists within a
