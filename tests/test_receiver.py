@@ -69,6 +69,32 @@ def run(loop_factory: LoopFactory, coro: object) -> None:
         loop.close()
 
 
+def test_a_read_that_finds_an_unknown_pid_says_so(
+    core: ModuleType, loop_factory: LoopFactory
+) -> None:
+    # What makes sync re-sync for unknown pids (no polling of the count).
+    cfg = config(loop_rate="10", port=str(free_udp_port()))
+    table = core.HeartbeatTable(cfg.timeout, cfg.tick)
+    table.add(PID, "web", time.monotonic())
+    seen: list[int] = []
+    rx = Receiver(cfg, table, Metrics(), on_unknown=lambda: seen.append(1))
+
+    async def scenario() -> None:
+        rx.open()
+        rx.start(asyncio.get_running_loop())
+        assert rx.address is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"%d;1" % PID, rx.address)
+            await until(lambda: rx.metrics.heartbeats == 1)
+            assert not seen  # a monitored pid: nothing to say
+            sock.sendto(b"%d;1" % (PID + 1), rx.address)
+            await until(lambda: rx.metrics.unknown == 1)
+        rx.close()
+
+    run(loop_factory, scenario())
+    assert seen == [1]
+
+
 @pytest.mark.parametrize("delay", ["0.002", "0"])
 def test_every_datagram_is_read(
     core: ModuleType, loop_factory: LoopFactory, delay: str

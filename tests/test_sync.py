@@ -209,13 +209,13 @@ def test_unknown_pids_ask_for_a_rate_limited_resync(core: ModuleType) -> None:
 
     async def scenario() -> None:
         fake.watchers["web"].append(11)  # its spawn event was lost
-        sync.metrics.unknown += 1  # and it beats
+        sync.unknown_seen()  # and it beats: the receiver says so
         await settled(sync, {10, 11})
         fake.calls.clear()
         # Forged pids for 3 s: at most one re-sync per UNKNOWN_RELIST (2 s),
         # fewer as they find nothing.
         for _ in range(60):
-            sync.metrics.unknown += 100
+            sync.unknown_seen()
             await asyncio.sleep(0.05)
         assert 1 <= full_listings(fake) <= 2, fake.calls
 

@@ -9,7 +9,10 @@ and both C floors get the same windows, interleaved and rotated
 (`matrix.rates`): CPU per heartbeat and wake-ups per second (context switches
 of all its threads).  Then freshness probes under the same traffic
 (`matrix.freshness`).  The daemon's CPU at one heartbeat per second per pid,
-per 1,000 pids, is its at-rest cost.
+per 1,000 pids, is its at-rest cost.  ``--baseline SRC`` adds a second
+daemon run from another source tree (``SRC``: its ``src`` directory, put first
+on ``PYTHONPATH``), named ``baseline``, to the same windows: before and after
+a change, side by side.
 
 Spawn: circusd starts 50 watchers x 100 processes with no plugin, with
 circus-watchdog as its plugin and with circus 0.19's plugin, in rotated order:
@@ -65,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=7, help="freshness probes, 0: none")
     p.add_argument("--spawn-repeats", type=int, default=2, help="0: no spawn phase")
     p.add_argument("--no-pin", dest="pin", action="store_false")
+    p.add_argument("--baseline", type=Path, metavar="SRC", help="another daemon")
     p.add_argument("--out", type=Path, help="results JSON")
     p.add_argument("--report-only", type=Path, metavar="RESULTS_JSON")
     args = p.parse_args(argv)
@@ -87,6 +91,7 @@ def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str
         pin = pinned(rx_cpu)
         receivers = [
             DaemonReceiver("daemon", daemon.proc, daemon.port),
+            *_baseline(fl, args.baseline, log),
             OriginalReceiver(RCVBUF, fl.pids, pin),
             FloorReceiver(exe["floor_block"], RCVBUF, pin),
             FloorReceiver(exe["floor_sleep"], RCVBUF, pin),
@@ -98,6 +103,22 @@ def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str
                 daemon, fl.probe, sender, str(n), args.probes, log
             )
     return out
+
+
+def _baseline(fl: Any, src: Path | None, log: Log) -> list[DaemonReceiver]:
+    # The daemon of another source tree (its src directory first on the path).
+    if src is None:
+        return []
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(src.resolve())
+    try:
+        daemon = fl.daemon("baseline", "--loop-rate", "60")
+    finally:
+        os.environ.pop("PYTHONPATH")
+        if saved is not None:
+            os.environ["PYTHONPATH"] = saved
+    log(f"baseline {daemon.proc.status()['version']} from {src}")
+    return [DaemonReceiver("baseline", daemon.proc, daemon.port)]
 
 
 def spawn_once(workdir: Path, plugin: str | None) -> dict[str, Any]:
@@ -172,7 +193,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             window = rows[0]["window"]
             percent = daemon_cpu["median"] / window * 100
             cell["daemon_percent_per_1000_pids"] = percent * 1000 / n
-        for num, den in (("original", "daemon"), ("daemon", "floor_sleep")):
+        pairs = [("original", "daemon"), ("daemon", "floor_sleep")]
+        if "baseline" in cell:
+            pairs += [("original", "baseline"), ("baseline", "daemon")]
+        for num, den in pairs:
             for key in ("ran_us_per_hb", "cpu_us_per_hb"):
                 ratio = paired(rows, num, den, key).get(str(n))
                 cell[f"{num} / {den} ({key})"] = ratio
@@ -206,7 +230,9 @@ def markdown(res: dict[str, Any]) -> str:
     for n, cell in summ.items():
         if n.startswith("spawn"):
             continue
-        for kind in ("daemon", "original", "floor_block", "floor_sleep"):
+        for kind in ("daemon", "baseline", "original", "floor_block", "floor_sleep"):
+            if kind not in cell:
+                continue
             c = cell[kind]
             out.append(
                 f"| {int(n):,} | {kind} | {_fmt(c['ran_us_per_hb'])} | "

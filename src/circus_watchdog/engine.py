@@ -78,7 +78,12 @@ class Watchdog:
             dry_run=config.dry_run,
             evidence=self.examiner.on,
         )
-        self.receiver = Receiver(config, self.table, self.metrics)
+        self.receiver = Receiver(
+            config,
+            self.table,
+            self.metrics,
+            on_unknown=lambda: self.sync.unknown_seen(),
+        )
         self.client = CommandClient(
             config.endpoint,
             timeout=config.call_timeout,

@@ -36,7 +36,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from ._core import HeartbeatTable
+from ._core import DrainCounts, HeartbeatTable
 from .ancestry import monitored_ancestor
 from .config import Config
 from .formats import apply_regex
@@ -148,10 +148,18 @@ class Coalescer:
 class Receiver:
     """Owns the heartbeat sockets and feeds what they read into the table."""
 
-    def __init__(self, config: Config, table: HeartbeatTable, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        table: HeartbeatTable,
+        metrics: Metrics,
+        *,
+        on_unknown: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config = config
         self.table = table
         self.metrics = metrics
+        self._on_unknown = on_unknown  # a read found a pid that is not monitored
         self._pattern = config.msg_pattern
         self._udp: socket.socket | None = None
         self._unix: socket.socket | None = None
@@ -246,8 +254,7 @@ class Receiver:
         except OSError as exc:  # the socket, never a datagram's content
             logger.error("reading the heartbeat socket failed: %s", exc)
             return 0
-        self.metrics.count_drain(counts)
-        return counts.datagrams
+        return self._count(counts)
 
     def _read_regex(self) -> int:
         assert self._udp is not None and self._pattern is not None
@@ -265,10 +272,9 @@ class Receiver:
             max_age or 0.0,
             time.time() if max_age else 0.0,
         )
-        self.metrics.count_drain(counts)
         self.metrics.datagrams += oversized
         self.metrics.malformed += oversized
-        return counts.datagrams + oversized
+        return self._count(counts) + oversized
 
     def _read_notify(self) -> int:
         assert self._unix is not None
@@ -279,5 +285,11 @@ class Receiver:
         except OSError as exc:
             logger.error("reading unix_socket failed: %s", exc)
             return 0
+        return self._count(counts)
+
+    def _count(self, counts: DrainCounts) -> int:
+        # One read's counts into the metrics; its datagrams.
         self.metrics.count_drain(counts)
+        if counts.unknown:
+            self._on_unknown()
         return counts.datagrams

@@ -15,7 +15,8 @@
   taken before that finds no such watcher (its pids would then stay
   unmonitored until the next re-sync).  So after any watcher operation the
   monitored set is circusd's within a second.
-- Heartbeats from pids that are not monitored (``unknown``) ask for a re-sync,
+- Heartbeats from pids that are not monitored (``unknown``) ask for a re-sync
+  (the receiver calls `Sync.unknown_seen` when a read finds one: no polling),
   at most every ``UNKNOWN_RELIST`` seconds; while such re-syncs find nothing
   new the gap doubles, up to ``resync_interval``, so forged pids cannot make
   circusd answer listings at any rate.
@@ -46,7 +47,6 @@ WARN_INTERVAL = 30.0  # seconds between "circusd does not answer" warnings
 GATHER = 0.05  # seconds: watcher events this close together, one listing
 SETTLE = 0.5  # seconds: a watcher operation's watcher is listed again then
 UNKNOWN_RELIST = 2.0  # seconds: the shortest gap between unknown-pid re-syncs
-UNKNOWN_CHECK = 0.25  # seconds between looks at the unknown-pid count
 
 
 class Caller(Protocol):
@@ -90,7 +90,7 @@ class Sync:
         # watcher -> (when to list it, loop time; whether it is the SETTLE one)
         self._relists: dict[str, tuple[float, bool]] = {}
         self._next_full = 0.0  # loop time of the next periodic re-sync
-        self._unknown_mark = 0  # metrics.unknown at the last re-sync
+        self._unknown = False  # an unknown pid beat since the last re-sync
         self._unknown_gap = UNKNOWN_RELIST
         self._unknown_next = 0.0  # loop time an unknown pid may ask again
         self._for_unknown = False  # the coming re-sync is for unknown pids
@@ -113,6 +113,13 @@ class Sync:
         self._fresh = self._fresh or fresh
         self._full = True
         self._wanted.set()
+
+    def unknown_seen(self) -> None:
+        """A heartbeat came from a pid that is not monitored: re-sync when
+        the unknown-pid gap allows."""
+        if not self._unknown:  # the first since the last re-sync: wake up
+            self._unknown = True
+            self._wanted.set()
 
     def request_relist(self, watcher: str) -> None:
         """List ``watcher`` soon (and once more after SETTLE seconds)."""
@@ -209,11 +216,11 @@ class Sync:
         return asyncio.get_running_loop().time()
 
     async def _sleep(self) -> None:
-        # Until a request, a watcher listing or a re-sync is due, or the next
-        # look at the unknown-pid count.
+        # Until a request, a watcher listing or a re-sync is due (one for
+        # unknown pids included).
         dues = [self._next_full, *(due for due, _ in self._relists.values())]
-        if self.connected:
-            dues.append(self._now() + UNKNOWN_CHECK)
+        if self._unknown and self.connected:
+            dues.append(self._unknown_next)
         wait = min(dues) - self._now()
         if wait > 0 and not self._wanted.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -222,12 +229,11 @@ class Sync:
 
     async def _due_work(self) -> None:
         now = self._now()
-        unknown = self.metrics.unknown > self._unknown_mark
-        if unknown and now >= self._unknown_next and not self._full:
+        if self._unknown and now >= self._unknown_next and not self._full:
             self._full = self._for_unknown = True
         if self._full or now >= self._next_full:
             self._next_full = now + self.resync_interval
-            self._unknown_mark = self.metrics.unknown
+            self._unknown = False
             await self.resync()
         for watcher, entry in sorted(self._relists.items()):
             if entry[0] <= now:
