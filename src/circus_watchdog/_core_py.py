@@ -190,6 +190,18 @@ def _wheel_size(timeout: float, tick: float) -> int:
     return 1 << max(need - 1, 1).bit_length()
 
 
+def _check_reader_args(
+    budget: int, flood_delay: float, max_age: float
+) -> tuple[int, float, float]:
+    if type(budget) is not int or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    if not (math.isfinite(flood_delay) and flood_delay >= 0):
+        raise ValueError(f"flood_delay must be >= 0 seconds, got {flood_delay!r}")
+    if not (math.isfinite(max_age) and max_age >= 0):
+        raise ValueError(f"max_age must be >= 0 seconds, got {max_age!r}")
+    return budget, float(flood_delay), float(max_age)
+
+
 def _check_pid(pid: int) -> int:
     if not 1 <= pid <= PID_MAX:
         raise ValueError(f"pid must be in 1..{PID_MAX}, got {pid!r}")
@@ -580,6 +592,7 @@ class HeartbeatTable:
         descriptor, made blocking: the thread is its only reader) and applies
         its heartbeats; RuntimeError if already reading.  The caller keeps the
         socket open until ``stop_reader`` returns."""
+        budget, flood_delay, max_age = _check_reader_args(budget, flood_delay, max_age)
         if self._reader is not None:
             raise RuntimeError("the table is already reading a socket")
         fd = sock if isinstance(sock, int) else sock.fileno()
