@@ -234,6 +234,30 @@ def test_idle_reader_never_wakes(core: ModuleType, pair) -> None:  # type: ignor
         stop_bounded(table)
 
 
+def test_read_error_is_counted_and_reading_goes_on(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+    rx, _, addr = pair
+    table = core.HeartbeatTable(30.0, 0.1)
+    table.add(88, "w", 0.0)
+    # Connected to a port nobody holds: the ICMP port-unreachable that
+    # answers rx's send makes its next read fail (ECONNREFUSED).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.bind(("127.0.0.1", 0))
+        peer = gone.getsockname()
+    rx.connect(peer)
+    table.start_reader(rx, budget=64, flood_delay=0.001)
+    try:
+        rx.send(b"anyone?")
+        assert wait_until(lambda: table.reader_errors == 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as back:
+            back.bind(peer)  # the peer is back: the thread still reads
+            back.sendto(b"88;1", addr)
+            assert wait_until(lambda: table.last_seen(88) > 0.0)
+        assert table.reader_counts() == (1, 1, 0, 0, 0)
+        assert table.reader_errors == 1
+    finally:
+        stop_bounded(table)
+
+
 def test_table_dropped_while_reading(core: ModuleType) -> None:
     # The thread keeps its table alive: dropping the caller's last reference
     # frees nothing it still uses.  The socket stays open (the thread blocks

@@ -1153,11 +1153,15 @@ cdef class HeartbeatTable:
         finally:
             self._unlock()
         self._stop()
+        Py_DECREF(self)  # the thread's reference: the caller still holds one
 
     cdef void _stop(self) noexcept:
         # Wake the thread's read (on Linux, shutdown(SHUT_RD) makes a blocked
         # and any later read of a UDP socket return at once, though it
-        # reports ENOTCONN), wait for it to end, then drop its reference.
+        # reports ENOTCONN) and wait for it to end.
+        self._lock()
+        self._stopping = True
+        self._unlock()
         shutdown(self._rfd, SHUT_RD)
         with nogil:
             pthread_join(self._thread, NULL)
@@ -1166,7 +1170,6 @@ cdef class HeartbeatTable:
         self._stopping = False
         _recvbuf_free(&self._tbuf)
         self._unlock()
-        Py_DECREF(self)
 
     def reader_counts(self):
         """What the reader thread read since the last call (then zeroed)."""

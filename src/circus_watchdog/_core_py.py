@@ -673,7 +673,7 @@ class HeartbeatTable:
         wall = time.time() if max_age > 0 else 0.0
         try:
             counts = self.drain(sock, time.monotonic(), budget, max_age, wall)
-        except OSError:
+        except (OSError, MemoryError):
             self._errors += 1
             return -1
         self._read = [a + b for a, b in zip(self._read, counts, strict=True)]
