@@ -82,6 +82,7 @@ import os
 from ._core_py import (
     ERROR_PAUSE,
     FLOOD_BATCH,
+    FLOOD_SMOOTHING,
     DrainCounts,
     _check_args,
     _check_reader_args,
@@ -111,7 +112,8 @@ cdef enum:
     STALE = 3
     UNFILED = 4
 
-cdef int FLOOD_PASS = FLOOD_BATCH
+cdef double FLOOD_PASS = FLOOD_BATCH
+cdef double FLOOD_WEIGHT = 1.0 / FLOOD_SMOOTHING
 cdef double ERROR_SLEEP = ERROR_PAUSE
 cdef int32_t PID_MAX = 2147483647  # as _core_py's (the twin tests hold both)
 
@@ -1214,12 +1216,19 @@ cdef class HeartbeatTable:
 
     cdef void _read_loop(self) noexcept nogil:
         # The thread: one pass per wake-up, until stop_reader shuts the socket.
+        # Flood or not: as _core_py._Flood, the average time per datagram over
+        # the last reads against flood_delay.
         cdef int got
+        cdef double now, last = _clock(CLOCK_MONOTONIC), gap = 1.0
         while True:
             got = self._read_pass()
             if got < 0:
                 return
-            if got >= FLOOD_PASS and self._flood_delay > 0:
+            if got > 0:
+                now = _clock(CLOCK_MONOTONIC)
+                gap += ((now - last) / got - gap) * FLOOD_WEIGHT
+                last = now
+            if self._flood_delay > 0 and gap * FLOOD_PASS <= self._flood_delay:
                 _sleep(self._flood_delay)
 
     cdef int _read_pass(self) noexcept nogil:

@@ -47,9 +47,15 @@ _CONTROL_SIZE = (
 )
 # Linux: close-on-exec on every received descriptor, so none leaks into a child.
 _RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-#: A reader pass that read at least this many datagrams is a flood: the
-#: thread sleeps ``flood_delay`` before its next read.
-FLOOD_BATCH = 16
+#: Traffic that brings, on average over the reader's last reads, at least this
+#: many datagrams per ``flood_delay`` is a flood: the thread sleeps
+#: ``flood_delay`` after each read (drain, then sleep), so a read finds a
+#: batch.  Sparser traffic is read on arrival: there a wake-up by a local
+#: sender costs less than a timer's (see receiver.py).
+FLOOD_BATCH = 4
+#: Weight 1/FLOOD_SMOOTHING of the newest read in that average, so that two
+#: datagrams that happen to come close together do not make a flood.
+FLOOD_SMOOTHING = 8
 #: Seconds the reader thread pauses after a read error before reading again.
 ERROR_PAUSE = 0.05
 
@@ -655,6 +661,7 @@ class HeartbeatTable:
         poller = select.poll()
         poller.register(reader.fd, select.POLLIN)
         poller.register(reader.wake_r, select.POLLIN)
+        flood = _Flood(flood_delay)
         with _borrowed(reader.fd) as sock:
             while not reader.stopping:
                 poller.poll()
@@ -663,7 +670,7 @@ class HeartbeatTable:
                 datagrams = self._read_pass(sock, budget, max_age)
                 if datagrams < 0:
                     time.sleep(ERROR_PAUSE)
-                elif datagrams >= FLOOD_BATCH and flood_delay > 0:
+                elif flood.after(datagrams, time.monotonic()):
                     time.sleep(flood_delay)
 
     @_locked
@@ -678,6 +685,24 @@ class HeartbeatTable:
             return -1
         self._read = [a + b for a, b in zip(self._read, counts, strict=True)]
         return counts.datagrams
+
+
+class _Flood:
+    """Whether the reader thread is in a flood (FLOOD_BATCH): the average
+    time per datagram over its last reads, against ``flood_delay``."""
+
+    def __init__(self, flood_delay: float) -> None:
+        self._delay = flood_delay
+        self._last = time.monotonic()
+        self._gap = 1.0  # seconds per datagram: sparse until shown otherwise
+
+    def after(self, datagrams: int, now: float) -> bool:
+        """Note a read of ``datagrams`` at ``now``; True to sleep flood_delay."""
+        if datagrams > 0:
+            gap = (now - self._last) / datagrams
+            self._gap += (gap - self._gap) / FLOOD_SMOOTHING
+            self._last = now
+        return self._delay > 0 and self._gap * FLOOD_BATCH <= self._delay
 
 
 class _Reader:
