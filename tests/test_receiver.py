@@ -150,7 +150,7 @@ def test_a_thin_stream_is_read_on_arrival_and_idle_costs_nothing(
                 before = time.monotonic()
                 sock.sendto(b"%d;1" % PID, rx.address)
                 # read at once: last_seen moves past the send within a bound
-                await until(lambda: rx.table.last_seen(PID) >= before, 5.0)
+                await until(lambda t=before: rx.table.last_seen(PID) >= t, 5.0)
                 await asyncio.sleep(0.002)
         assert counted(rx).heartbeats == count
         assert count <= rx.wakeups <= 2 * count, rx.wakeups
