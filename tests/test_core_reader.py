@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,10 @@ from circus_watchdog.sockets import SO_RXQ_OVFL
 
 RCVBUF = 4 * 1024 * 1024
 WAIT = 10.0  # seconds: the bound of every wait below
-_KEPT: list[socket.socket] = []  # sockets a leaked reader thread still blocks on
+_KEPT: list[socket.socket] = []
+Pair = tuple[
+    socket.socket, socket.socket, tuple[str, int]
+]  # sockets a leaked reader thread still blocks on
 
 
 def wait_until(done: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -37,7 +41,7 @@ def udp_rx() -> socket.socket:
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket, tuple[str, int]]]:
+def pair() -> Iterator[Pair]:
     rx = udp_rx()
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -50,12 +54,12 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket, tuple[str, int]]]:
 class Tally:
     """Sums the reader's counts over several reader_counts() calls."""
 
-    def __init__(self, table: object) -> None:
+    def __init__(self, table: Any) -> None:
         self.table = table
         self.total = [0, 0, 0, 0, 0]
 
     def take(self) -> list[int]:
-        counts = self.table.reader_counts()  # type: ignore[attr-defined]
+        counts = self.table.reader_counts()
         self.total = [a + b for a, b in zip(self.total, counts, strict=True)]
         return self.total
 
@@ -63,15 +67,15 @@ class Tally:
         return wait_until(lambda: self.take()[0] >= n)
 
 
-def stop_bounded(table: object) -> None:
+def stop_bounded(table: Any) -> None:
     """stop_reader, failing the test (not hanging it) if it does not return."""
-    stopper = threading.Thread(target=table.stop_reader)  # type: ignore[attr-defined]
+    stopper = threading.Thread(target=table.stop_reader)
     stopper.start()
     stopper.join(WAIT)
     assert not stopper.is_alive(), "stop_reader did not return"
 
 
-def test_beats_reach_last_seen(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_beats_reach_last_seen(core: ModuleType, pair: Pair) -> None:
     rx, tx, addr = pair
     table = core.HeartbeatTable(30.0, 0.1)
     table.add(4242, "w", 0.0)
@@ -90,7 +94,7 @@ def test_beats_reach_last_seen(core: ModuleType, pair) -> None:  # type: ignore[
     assert not table.reading
 
 
-def test_counts_by_kind_and_reset(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_counts_by_kind_and_reset(core: ModuleType, pair: Pair) -> None:
     rx, tx, addr = pair
     table = core.HeartbeatTable(30.0, 0.1)
     table.add(100, "w", time.monotonic())
@@ -119,7 +123,7 @@ def test_counts_by_kind_and_reset(core: ModuleType, pair) -> None:  # type: igno
         stop_bounded(table)
 
 
-def test_flood_is_all_counted(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_flood_is_all_counted(core: ModuleType, pair: Pair) -> None:
     rx, tx, addr = pair
     table = core.HeartbeatTable(30.0, 0.1)
     now = time.monotonic()
@@ -143,7 +147,7 @@ def test_flood_is_all_counted(core: ModuleType, pair) -> None:  # type: ignore[n
         stop_bounded(table)
 
 
-def test_churn_while_a_sender_floods(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_churn_while_a_sender_floods(core: ModuleType, pair: Pair) -> None:
     rx, tx, addr = pair
     table = core.HeartbeatTable(0.05, 0.01)
     table.start_reader(rx, budget=256, flood_delay=0.0005)
@@ -189,7 +193,7 @@ def test_churn_while_a_sender_floods(core: ModuleType, pair) -> None:  # type: i
         stop_bounded(table)
 
 
-def test_stop_while_idle(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_stop_while_idle(core: ModuleType, pair: Pair) -> None:
     rx, _, _ = pair
     table = core.HeartbeatTable(30.0, 0.1)
     table.stop_reader()  # never started: nothing to do
@@ -202,7 +206,7 @@ def test_stop_while_idle(core: ModuleType, pair) -> None:  # type: ignore[no-unt
     assert not table.reading
 
 
-def test_start_twice_then_again_on_a_new_socket(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_start_twice_then_again_on_a_new_socket(core: ModuleType, pair: Pair) -> None:
     rx, tx, _ = pair
     table = core.HeartbeatTable(30.0, 0.1)
     table.add(77, "w", 0.0)
@@ -222,7 +226,7 @@ def test_start_twice_then_again_on_a_new_socket(core: ModuleType, pair) -> None:
         rx2.close()
 
 
-def test_idle_reader_never_wakes(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_idle_reader_never_wakes(core: ModuleType, pair: Pair) -> None:
     rx, _, _ = pair
     table = core.HeartbeatTable(30.0, 0.1)
     table.start_reader(rx, budget=64, flood_delay=0.001)
@@ -234,7 +238,9 @@ def test_idle_reader_never_wakes(core: ModuleType, pair) -> None:  # type: ignor
         stop_bounded(table)
 
 
-def test_read_error_is_counted_and_reading_goes_on(core: ModuleType, pair) -> None:  # type: ignore[no-untyped-def]
+def test_read_error_is_counted_and_reading_goes_on(
+    core: ModuleType, pair: Pair
+) -> None:
     rx, _, addr = pair
     table = core.HeartbeatTable(30.0, 0.1)
     table.add(88, "w", 0.0)

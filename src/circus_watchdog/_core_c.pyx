@@ -520,26 +520,23 @@ cdef class HeartbeatTable:
     def timeout(self):
         """Seconds of silence after which a pid expires."""
         self._lock()
-        try:
-            return self._timeout
-        finally:
-            self._unlock()
+        value = self._timeout
+        self._unlock()
+        return value
 
     @property
     def tick(self):
         """Granularity of the timing wheel, in seconds."""
         self._lock()
-        try:
-            return self._tick
-        finally:
-            self._unlock()
+        value = self._tick
+        self._unlock()
+        return value
 
     def __len__(self):
         self._lock()
-        try:
-            return self._count
-        finally:
-            self._unlock()
+        value = self._count
+        self._unlock()
+        return value
 
     def __contains__(self, pid):
         self._lock()
@@ -946,20 +943,18 @@ cdef class HeartbeatTable:
         """Datagrams the kernel dropped on the drained socket, as of the last
         datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
         self._lock()
-        try:
-            return self._drops
-        finally:
-            self._unlock()
+        value = self._drops
+        self._unlock()
+        return value
 
     @property
     def control_truncated(self):
         """Datagrams whose control data (credentials, passed descriptors) did
         not fit the receive buffer (MSG_CTRUNC); the kernel closed the rest."""
         self._lock()
-        try:
-            return self._ctrunc
-        finally:
-            self._unlock()
+        value = self._ctrunc
+        self._unlock()
+        return value
 
     cdef void _apply(self, RecvBuf *b, int n, double now, double max_age,
                      double wall, int64_t *counts) noexcept nogil:
@@ -1190,29 +1185,26 @@ cdef class HeartbeatTable:
     def reader_wakeups(self):
         """Reads the reader thread made so far (monotonic)."""
         self._lock()
-        try:
-            return self._wakeups
-        finally:
-            self._unlock()
+        value = self._wakeups
+        self._unlock()
+        return value
 
     @property
     def reader_errors(self):
         """Read errors the reader thread met so far (each followed by a pause),
         and heartbeats it could not re-file for lack of memory."""
         self._lock()
-        try:
-            return self._rerrors + self._rcounts[UNFILED]
-        finally:
-            self._unlock()
+        value = self._rerrors + self._rcounts[UNFILED]
+        self._unlock()
+        return value
 
     @property
     def reading(self):
         """Whether a reader thread is running (until stop_reader returns)."""
         self._lock()
-        try:
-            return self._reading
-        finally:
-            self._unlock()
+        value = self._reading
+        self._unlock()
+        return value
 
     cdef void _read_loop(self) noexcept nogil:
         # The thread: one pass per wake-up, until stop_reader shuts the socket.
