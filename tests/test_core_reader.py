@@ -280,3 +280,25 @@ def test_table_dropped_while_reading(core: ModuleType) -> None:
             tx.sendto(b"55;1", rx.getsockname())
     time.sleep(0.05)
     gc.collect()
+
+
+def test_what_the_reader_counts_as_a_flood() -> None:
+    # The decision alone (the compiled twin computes the same average): a
+    # steady 5,000/s is a flood at flood_delay 1 ms (5 per delay >= 4), a
+    # fleet's 1,000/s is not, nor are two datagrams that came close together.
+    from circus_watchdog._core_py import FLOOD_BATCH, _Flood
+
+    def flooded(gaps: list[float], delay: float = 0.001) -> bool:
+        flood, now, last = _Flood(delay), 0.0, False
+        flood._last = 0.0
+        for gap in gaps:
+            now += gap
+            last = flood.after(1, now)
+        return last
+
+    assert FLOOD_BATCH == 4
+    assert flooded([0.0002] * 40)  # 5,000/s
+    assert not flooded([0.001] * 40)  # 1,000/s
+    assert not flooded([0.001] * 40 + [0.00001])  # one close pair
+    assert not flooded([0.0002] * 40, delay=0.0)  # batch_delay 0: never sleeps
+    assert not flooded([0.0002] * 40 + [0.002] * 30)  # the flood ebbed

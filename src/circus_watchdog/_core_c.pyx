@@ -1211,7 +1211,7 @@ cdef class HeartbeatTable:
         # Flood or not: as _core_py._Flood, the average time per datagram over
         # the last reads against flood_delay.
         cdef int got
-        cdef double now, last = _clock(CLOCK_MONOTONIC), gap = 1.0
+        cdef double now, last = _clock(CLOCK_MONOTONIC), gap = self._flood_delay
         while True:
             got = self._read_pass()
             if got < 0:
@@ -1220,7 +1220,11 @@ cdef class HeartbeatTable:
                 now = _clock(CLOCK_MONOTONIC)
                 gap += ((now - last) / got - gap) * FLOOD_WEIGHT
                 last = now
-            if self._flood_delay > 0 and gap * FLOOD_PASS <= self._flood_delay:
+            if (
+                got < self._rbudget  # else more is queued: read it at once
+                and self._flood_delay > 0
+                and gap * FLOOD_PASS <= self._flood_delay
+            ):
                 _sleep(self._flood_delay)
 
     cdef int _read_pass(self) noexcept nogil:

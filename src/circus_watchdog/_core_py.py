@@ -668,9 +668,10 @@ class HeartbeatTable:
                 if reader.stopping:
                     break
                 datagrams = self._read_pass(sock, budget, max_age)
+                flooded = flood.after(datagrams, time.monotonic())
                 if datagrams < 0:
                     time.sleep(ERROR_PAUSE)
-                elif flood.after(datagrams, time.monotonic()):
+                elif flooded and datagrams < budget:  # else read the rest at once
                     time.sleep(flood_delay)
 
     @_locked
@@ -694,7 +695,7 @@ class _Flood:
     def __init__(self, flood_delay: float) -> None:
         self._delay = flood_delay
         self._last = time.monotonic()
-        self._gap = 1.0  # seconds per datagram: sparse until shown otherwise
+        self._gap = flood_delay  # seconds per datagram: sparse until shown otherwise
 
     def after(self, datagrams: int, now: float) -> bool:
         """Note a read of ``datagrams`` at ``now``; True to sleep flood_delay."""
