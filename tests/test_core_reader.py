@@ -284,21 +284,26 @@ def test_table_dropped_while_reading(core: ModuleType) -> None:
 
 def test_what_the_reader_counts_as_a_flood() -> None:
     # The decision alone (the compiled twin computes the same average): a
-    # steady 5,000/s is a flood at flood_delay 1 ms (5 per delay >= 4), a
-    # fleet's 1,000/s is not, nor are two datagrams that came close together.
-    from circus_watchdog._core_py import FLOOD_BATCH, _Flood
+    # steady 5,000/s is a flood at flood_delay 1 ms (5 per delay >= 4) and is
+    # read every 16 datagrams (3.2 ms); 200,000/s every flood_delay; 20/ms
+    # at most every LONGEST_WAIT; a fleet's 1,000/s is not a flood, nor are
+    # two datagrams that came close together.
+    from circus_watchdog._core_py import FLOOD_BATCH, FLOOD_READ, LONGEST_WAIT, _Flood
 
-    def flooded(gaps: list[float], delay: float = 0.001) -> bool:
-        flood, now, last = _Flood(delay), 0.0, False
+    def pause(gaps: list[float], delay: float = 0.001) -> float:
+        flood, now, last = _Flood(delay), 0.0, 0.0
         flood._last = 0.0
         for gap in gaps:
             now += gap
             last = flood.after(1, now)
         return last
 
-    assert FLOOD_BATCH == 4
-    assert flooded([0.0002] * 40)  # 5,000/s
-    assert not flooded([0.001] * 40)  # 1,000/s
-    assert not flooded([0.001] * 40 + [0.00001])  # one close pair
-    assert not flooded([0.0002] * 40, delay=0.0)  # batch_delay 0: never sleeps
-    assert not flooded([0.0002] * 40 + [0.002] * 30)  # the flood ebbed
+    assert (FLOOD_BATCH, FLOOD_READ, LONGEST_WAIT) == (4, 16, 0.004)
+    assert pause([0.0002] * 60) == pytest.approx(0.0032, rel=0.05)  # 5,000/s
+    assert pause([0.000005] * 60) == 0.001  # 200,000/s: flood_delay
+    assert pause([0.0002] * 60, delay=0.005) == 0.005  # the longest is the delay
+    assert pause([0.001] * 60) == 0.0  # 1,000/s
+    assert pause([0.001] * 60 + [0.00001]) == 0.0  # one close pair
+    assert pause([0.0002] * 60, delay=0.0) == 0.0  # batch_delay 0: never sleeps
+    assert pause([0.0002] * 60 + [0.002] * 30) == 0.0  # the flood ebbed
+    assert pause([0.00024] * 80) <= LONGEST_WAIT  # 4,200/s: 3.84 ms

@@ -82,7 +82,9 @@ import os
 from ._core_py import (
     ERROR_PAUSE,
     FLOOD_BATCH,
+    FLOOD_READ,
     FLOOD_SMOOTHING,
+    LONGEST_WAIT,
     DrainCounts,
     _check_args,
     _check_reader_args,
@@ -113,6 +115,8 @@ cdef enum:
     UNFILED = 4
 
 cdef double FLOOD_PASS = FLOOD_BATCH
+cdef double FLOOD_AIM = FLOOD_READ
+cdef double LONGEST = LONGEST_WAIT
 cdef double FLOOD_WEIGHT = 1.0 / FLOOD_SMOOTHING
 cdef double ERROR_SLEEP = ERROR_PAUSE
 cdef int32_t PID_MAX = 2147483647  # as _core_py's (the twin tests hold both)
@@ -1208,10 +1212,11 @@ cdef class HeartbeatTable:
 
     cdef void _read_loop(self) noexcept nogil:
         # The thread: one pass per wake-up, until stop_reader shuts the socket.
-        # Flood or not: as _core_py._Flood, the average time per datagram over
-        # the last reads against flood_delay.
+        # The sleep after a read: as _core_py._Flood, from the average time
+        # per datagram over the last reads.
         cdef int got
         cdef double now, last = _clock(CLOCK_MONOTONIC), gap = self._flood_delay
+        cdef double pause, longest = max(self._flood_delay, LONGEST)
         while True:
             got = self._read_pass()
             if got < 0:
@@ -1225,7 +1230,8 @@ cdef class HeartbeatTable:
                 and self._flood_delay > 0
                 and gap * FLOOD_PASS <= self._flood_delay
             ):
-                _sleep(self._flood_delay)
+                pause = min(max(gap * FLOOD_AIM, self._flood_delay), longest)
+                _sleep(pause)
 
     cdef int _read_pass(self) noexcept nogil:
         # Block for a datagram, then read what is queued up to the budget,

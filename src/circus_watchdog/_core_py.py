@@ -10,6 +10,16 @@ the slot stays in the bucket it was filed in.  When that bucket comes due, the
 slot is checked against its real deadline and either expires or is re-filed in
 the bucket of its new deadline.  So a tick costs the slots filed in it, not the
 table size, and a beat never touches the wheel.
+
+The reader thread (``start_reader``) reads one UDP socket of heartbeats in the
+default format, so that no Python runs on the event loop per wake-up (the
+compiled twin's thread never takes the GIL).  It blocks until a datagram is
+queued, reads what is queued (up to ``budget``), applies it under the table's
+lock, and counts it for ``reader_counts``.  Sparse traffic is read on
+arrival; a flood (FLOOD_BATCH below) is drained, then slept on, for as long
+as FLOOD_READ datagrams take to come, between ``flood_delay`` and
+LONGEST_WAIT.  One lock guards the table: every public method takes it, and
+the thread holds it only to apply a batch it has already read.
 """
 
 from __future__ import annotations
@@ -47,12 +57,17 @@ _CONTROL_SIZE = (
 )
 # Linux: close-on-exec on every received descriptor, so none leaks into a child.
 _RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-#: Traffic that brings, on average over the reader's last reads, at least this
-#: many datagrams per ``flood_delay`` is a flood: the thread sleeps
-#: ``flood_delay`` after each read (drain, then sleep), so a read finds a
-#: batch.  Sparser traffic is read on arrival: there a wake-up by a local
-#: sender costs less than a timer's (see receiver.py).
+#: Traffic that brings, on average over the reader's last reads, at least
+#: FLOOD_BATCH datagrams per ``flood_delay`` is a flood: the thread sleeps
+#: after each read (drain, then sleep) for as long as FLOOD_READ datagrams
+#: take to come at that average, at least ``flood_delay`` and at most
+#: LONGEST_WAIT (or ``flood_delay`` if longer), so a read finds a batch and a
+#: heartbeat reaches the table within 5 ms of its arrival.  Sparser traffic
+#: is read on arrival: there a wake-up by a local sender costs less than a
+#: timer's (see receiver.py).
 FLOOD_BATCH = 4
+FLOOD_READ = 16
+LONGEST_WAIT = 0.004
 #: Weight 1/FLOOD_SMOOTHING of the newest read in that average, so that two
 #: datagrams that happen to come close together do not make a flood.
 FLOOD_SMOOTHING = 8
@@ -668,11 +683,11 @@ class HeartbeatTable:
                 if reader.stopping:
                     break
                 datagrams = self._read_pass(sock, budget, max_age)
-                flooded = flood.after(datagrams, time.monotonic())
+                pause = flood.after(datagrams, time.monotonic())
                 if datagrams < 0:
                     time.sleep(ERROR_PAUSE)
-                elif flooded and datagrams < budget:  # else read the rest at once
-                    time.sleep(flood_delay)
+                elif pause and datagrams < budget:  # else read the rest at once
+                    time.sleep(pause)
 
     @_locked
     def _read_pass(self, sock: socket.socket, budget: int, max_age: float) -> int:
@@ -689,21 +704,25 @@ class HeartbeatTable:
 
 
 class _Flood:
-    """Whether the reader thread is in a flood (FLOOD_BATCH): the average
-    time per datagram over its last reads, against ``flood_delay``."""
+    """How long the reader thread sleeps after a read (FLOOD_BATCH): the
+    average time per datagram over its last reads, against ``flood_delay``."""
 
     def __init__(self, flood_delay: float) -> None:
         self._delay = flood_delay
+        self._longest = max(flood_delay, LONGEST_WAIT)
         self._last = time.monotonic()
         self._gap = flood_delay  # seconds per datagram: sparse until shown otherwise
 
-    def after(self, datagrams: int, now: float) -> bool:
-        """Note a read of ``datagrams`` at ``now``; True to sleep flood_delay."""
+    def after(self, datagrams: int, now: float) -> float:
+        """Note a read of ``datagrams`` at ``now``; the seconds to sleep (0:
+        not a flood, read on arrival)."""
         if datagrams > 0:
             gap = (now - self._last) / datagrams
             self._gap += (gap - self._gap) / FLOOD_SMOOTHING
             self._last = now
-        return self._delay > 0 and self._gap * FLOOD_BATCH <= self._delay
+        if self._delay <= 0 or self._gap * FLOOD_BATCH > self._delay:
+            return 0.0
+        return min(max(self._gap * FLOOD_READ, self._delay), self._longest)
 
 
 class _Reader:

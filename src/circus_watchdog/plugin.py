@@ -84,7 +84,7 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
       (default: min(loop_rate / 10, 1))
     - **budget** -- datagrams read in one pass (default: ``4096``)
     - **rcvbuf** -- UDP receive buffer in bytes (default: ``8M``)
-    - **batch_delay** -- seconds between drains under a flood
+    - **batch_delay** -- shortest wait between drains under a flood
       (default: ``0.001``)
     """
 

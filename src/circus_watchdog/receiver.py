@@ -2,18 +2,16 @@
 
 Two paths, chosen by what a datagram needs to be understood:
 
-- **UDP heartbeats in the default format** are read by the core's own reader
-  thread (``HeartbeatTable.start_reader``): it blocks until a datagram is
-  queued, applies what is queued under the table's lock, and blocks again,
-  so no Python runs per wake-up and an idle fleet costs nothing.  A wake-up
-  caused by a local sender is cheap (the kernel runs the reader where the
-  sender just ran); a timer wake-up from idle is not, so at fleet rates the
-  thread reads on arrival.  Under a flood (reads that find datagrams
-  arriving at ``FLOOD_BATCH`` per ``batch_delay`` or faster) it sleeps
-  ``batch_delay`` after each read, as the C drain-then-sleep floor does.  A
-  heartbeat reaches the table within ``batch_delay`` (1 ms by default) of its
-  arrival.  The thread's counts reach the metrics when `Receiver.collect`
-  runs: at every tick and every scrape.
+- **UDP heartbeats in the default format** are read by the core's reader
+  thread (``HeartbeatTable.start_reader``, described in ``_core_py``'s
+  docstring): no Python runs per wake-up and an idle fleet costs nothing.
+  Sparse traffic is read on arrival, because a wake-up caused by a local
+  sender is cheap (the kernel runs the reader where the sender just ran)
+  where a timer wake-up from idle is not; a flood is drained, then slept on
+  (``batch_delay`` up to 4 ms, by the traffic), as the C drain-then-sleep
+  floor does.  A heartbeat reaches the table within 5 ms of its arrival.
+  The thread's counts reach the metrics when `Receiver.collect` runs: at
+  every tick and every scrape.
 - **A custom ``msg_regex``** (the pattern is Python's) **and the sd_notify Unix
   socket** (``notify_access = all`` asks Python to find a sender's ancestor)
   are read on the event loop by a `Coalescer`: on readability while traffic
@@ -41,6 +39,7 @@ import time
 from collections.abc import Callable
 
 from ._core import DrainCounts, HeartbeatTable
+from ._core_py import LONGEST_WAIT
 from .ancestry import monitored_ancestor
 from .config import Config
 from .formats import apply_regex
@@ -60,9 +59,10 @@ logger = logging.getLogger("circus.watchdog")
 #: it back.  Both want a trend, not one close pair or one quiet interval.
 TO_TIMER = 3
 TO_READABILITY = 3
-#: The timer's longest interval (seconds): a heartbeat reaches the table
-#: within 5 ms of its arrival, with 1 ms to spare for the loop's other work.
-SPARSE_DELAY = 0.004
+#: The timer's longest interval (seconds), the reader thread's longest sleep:
+#: a heartbeat reaches the table within 5 ms of its arrival, with 1 ms to
+#: spare for the loop's other work.
+SPARSE_DELAY = LONGEST_WAIT
 #: Datagrams per timer read under which the interval doubles (a wake-up costs
 #: about as much as 16 datagrams) and over which it halves.  The gap between
 #: them keeps a steady rate from flipping it at every read.
