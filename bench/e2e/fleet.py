@@ -1,10 +1,12 @@
 """A real circusd running the fleet, and the daemons that watch it.
 
-The ``fleet`` watcher runs ``procs`` processes (``sleep``): the flood carries
-their real pids. The ``probe`` watcher runs one more that nobody floods, for
-the freshness measurement. Each daemon is the standalone ``circus-watchdog``
-on its own UDP port, monitoring both watchers, with ``--loop-rate 3600`` (no
-pid times out during a run) and ``--dry-run`` (nothing is ever killed).
+The ``fleet`` watcher runs ``procs`` processes (``cmd``: ``bench/floors/beat.c``
+beating to one fixed port, or ``pause.c`` for loadgen to beat for): the
+heartbeats carry their real pids. The ``probe`` watcher runs one more
+(``probe_cmd``) that never beats by itself, for the freshness measurement.
+Each daemon is the standalone ``circus-watchdog`` on its own UDP port (or the
+fixed one), monitoring both watchers, with ``--loop-rate 3600`` (no pid times
+out during a run) and ``--dry-run`` (nothing is ever killed).
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ class Fleet:
     start_daemon: Callable[..., Standalone]
     cpu: int | None
 
-    def daemon(self, name: str, *flags: str) -> Daemon:
-        """Start ``circus-watchdog`` with ``flags``; return once it monitors
-        every fleet and probe pid, its threads pinned to the receivers' CPU."""
-        port = free_udp_port()
+    def daemon(self, name: str, *flags: str, port: int = 0) -> Daemon:
+        """Start ``circus-watchdog`` with ``flags`` on UDP ``port`` (0: a free
+        one); return once it monitors every fleet and probe pid, its threads
+        pinned to the receivers' CPU."""
+        port = port or free_udp_port()
         args = ("--port", str(port), "--loop-rate", "3600", "--dry-run")
         args += ("--watchers-regex", WATCHED, *flags)
         proc = self.start_daemon(self.circusd, *args, core=None)
@@ -72,17 +75,21 @@ def pin_threads(pid: int, cpu: int) -> None:
 
 @contextmanager
 def fleet(
-    workdir: Path, procs: int, cpu: int | None, cmd: str = SLEEP
+    workdir: Path,
+    procs: int,
+    cpu: int | None,
+    cmd: str = SLEEP,
+    probe_cmd: str | None = None,
 ) -> Iterator[Fleet]:
-    """circusd with the fleet and the probe (each process runs ``cmd``);
-    everything stopped on exit."""
+    """circusd with the fleet (each process runs ``cmd``) and the probe
+    (``probe_cmd``, default ``cmd``); everything stopped on exit."""
     sections = f"""\
 [watcher:fleet]
 cmd = {cmd}
 numprocesses = {procs}
 
 [watcher:probe]
-cmd = {cmd}
+cmd = {probe_cmd or cmd}
 numprocesses = 1
 """
     with (
