@@ -76,6 +76,7 @@ from .sender import ROOT, Sender, pinned
 
 Log = Callable[[str], None]
 RCVBUF = 8 << 20  # the daemon's default, for the original and the floors
+WARM = 1.0  # seconds a fresh daemon reads the fleet before its window
 SPAWN_WATCHERS, SPAWN_PROCS = 50, 100
 SPAWN_LIMIT = 300.0  # seconds for circusd to start the spawn fleet
 SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
@@ -148,7 +149,9 @@ class FixedDaemon:
         return _start_daemon(self.fl, self.kind, self.src, self.port)
 
     def open(self) -> Run:
-        return FixedRun(self.kind, self.start().proc, self.port)
+        daemon = self.start()
+        time.sleep(WARM)  # its read schedule settles on the fleet's traffic
+        return FixedRun(self.kind, daemon.proc, self.port)
 
 
 def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -192,20 +195,20 @@ def beat_rates(
     cmd = f"{exe[BEAT]} {port}"
     with fleet(workdir / f"fleet{n}", n, None, cmd, str(exe[PAUSE])) as fl:
         log(f"{n} pids under circusd beat to port {port}")
-        receivers: list[Receiver] = [FixedDaemon("daemon", fl, port)]
+        daemons = [FixedDaemon("daemon", fl, port)]
         if args.baseline is not None:
-            receivers.append(FixedDaemon("baseline", fl, port, args.baseline))
-        receivers += [
-            OriginalReceiver(RCVBUF, fl.pids, port=port),
-            *(FloorReceiver(exe[kind], RCVBUF, port=port) for kind in FLOORS),
-        ]
+            daemons.append(FixedDaemon("baseline", fl, port, args.baseline))
         versions = {}
-        for rx in receivers[: 1 + (args.baseline is not None)]:
-            assert isinstance(rx, FixedDaemon)
-            daemon = rx.start()  # its version, and a first start-up off the clock
+        for rx in daemons:  # its version, and a first start-up off the clock
+            daemon = rx.start()
             versions[rx.kind] = daemon.proc.status()["version"]
             daemon.proc.stop(signal.SIGTERM)
             log(f"{rx.kind} {versions[rx.kind]}")
+        receivers: list[Receiver] = [
+            *daemons,
+            OriginalReceiver(RCVBUF, fl.pids, port=port),
+            *(FloorReceiver(exe[kind], RCVBUF, port=port) for kind in FLOORS),
+        ]
         rows = matrix.rates(
             receivers, FleetBeats(), [str(n)], args.window, args.repeats, log
         )
