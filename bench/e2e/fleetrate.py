@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="beat",
         help="who beats: the fleet's processes, or loadgen for them (pinned)",
     )
+    p.add_argument("--watchers", type=int, default=1, help="fleet split over K")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="loadgen only")
     p.add_argument("--baseline", type=Path, metavar="SRC", help="another daemon")
     p.add_argument("--out", type=Path, help="results JSON")
@@ -161,10 +162,12 @@ def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str
     exe = build(workdir, (*FLOORS, PAUSE))
     rx_cpu = 1 if args.pin else None
     (workdir / f"fleet{n}").mkdir()
-    with fleet(workdir / f"fleet{n}", n, rx_cpu, str(exe[PAUSE])) as fl:
+    with fleet(
+        workdir / f"fleet{n}", n, rx_cpu, str(exe[PAUSE]), watchers=args.watchers
+    ) as fl:
         if args.pin:
             os.sched_setaffinity(0, {0})
-        sender = Sender(fl.circusd.endpoint, "^fleet$", 0 if args.pin else None)
+        sender = Sender(fl.circusd.endpoint, r"^fleet\d*$", 0 if args.pin else None)
         daemon = fl.daemon("daemon", "--loop-rate", "60")
         version = daemon.proc.status()["version"]
         log(f"{n} pids under circusd; daemon {version}")
@@ -193,7 +196,8 @@ def beat_rates(
     port = free_udp_port()
     (workdir / f"fleet{n}").mkdir()
     cmd = f"{exe[BEAT]} {port}"
-    with fleet(workdir / f"fleet{n}", n, None, cmd, str(exe[PAUSE])) as fl:
+    probe_cmd = str(exe[PAUSE])
+    with fleet(workdir / f"fleet{n}", n, None, cmd, probe_cmd, args.watchers) as fl:
         log(f"{n} pids under circusd beat to port {port}")
         daemons = [FixedDaemon("daemon", fl, port)]
         if args.baseline is not None:
