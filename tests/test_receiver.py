@@ -1,5 +1,8 @@
 """The receive path over real loopback sockets, on both cores and both loops:
-every datagram is read, and wake-ups follow time, not datagrams."""
+every datagram is read, by the core's reader thread (the default format) or
+on the event loop (a custom format, the sd_notify socket); and the
+event-loop schedule, on a simulated loop: wake-ups follow time, not
+datagrams."""
 
 from __future__ import annotations
 
@@ -53,6 +56,12 @@ def paced(address: tuple[str, int], count: int = SENT) -> threading.Thread:
     return threading.Thread(target=send)
 
 
+def counted(rx: Receiver) -> Metrics:
+    """The metrics with the reader thread's counts collected (as a tick does)."""
+    rx.collect()
+    return rx.metrics
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     for _ in range(int(timeout / 0.005)):
         if predicate():
@@ -85,10 +94,10 @@ def test_a_read_that_finds_an_unknown_pid_says_so(
         assert rx.address is not None
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"%d;1" % PID, rx.address)
-            await until(lambda: rx.metrics.heartbeats == 1)
+            await until(lambda: counted(rx).heartbeats == 1)
             assert not seen  # a monitored pid: nothing to say
             sock.sendto(b"%d;1" % (PID + 1), rx.address)
-            await until(lambda: rx.metrics.unknown == 1)
+            await until(lambda: counted(rx).unknown == 1)
         rx.close()
 
     run(loop_factory, scenario())
@@ -104,50 +113,47 @@ def test_every_datagram_is_read(
     async def scenario() -> None:
         rx.open()
         rx.start(asyncio.get_running_loop())
-        assert rx.address is not None
+        assert rx.address is not None and not rx._readers  # the core's thread
         sender = paced(rx.address)
         sender.start()
-        await until(lambda: rx.metrics.heartbeats == SENT)
+        await until(lambda: counted(rx).heartbeats == SENT)
         sender.join()
         if delay != "0":
-            # Each wake-up read a batch: far fewer wake-ups than datagrams.
+            # A flood (bursts 0.2 ms apart) is read every batch_delay, in
+            # batches: far fewer reads than datagrams.
             assert rx.wakeups < SENT / 4, rx.wakeups
-        # Idle again: the next lone heartbeat is read on readability.
-        await asyncio.sleep(0.05)
-        assert all(reader._timer is None for reader in rx._readers)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"%d;2" % PID, rx.address)
-        await until(lambda: rx.metrics.heartbeats == SENT + 1)
+        await until(lambda: counted(rx).heartbeats == SENT + 1)
         rx.close()
 
     run(loop_factory, scenario())
     assert rx.metrics.datagrams == SENT + 1 and rx.metrics.unknown == 0
 
 
-def test_a_thin_stream_is_read_in_batches(
+def test_a_thin_stream_is_read_on_arrival_and_idle_costs_nothing(
     core: ModuleType, loop_factory: LoopFactory
 ) -> None:
-    # One datagram about every 0.5 ms (2,000/s, a fleet's rate): a timer
-    # every millisecond would wake once per two; the adaptive one waits up to
-    # SPARSE_DELAY and reads several per wake-up.
+    # One datagram about every 2 ms (500/s, a fleet's rate): the thread reads
+    # each on arrival; with no traffic it makes no read at all.
     rx = receiver(core, port=str(free_udp_port()))
-    count = 400
-
-    def send(address: tuple[str, int]) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            for _ in range(count):
-                sock.sendto(b"%d;1" % PID, address)
-                time.sleep(0.0005)
+    count = 100
 
     async def scenario() -> None:
         rx.open()
         rx.start(asyncio.get_running_loop())
         assert rx.address is not None
-        sender = threading.Thread(target=send, args=(rx.address,))
-        sender.start()
-        await until(lambda: rx.metrics.heartbeats == count)
-        sender.join()
-        assert rx.wakeups < count / 4, rx.wakeups
+        await asyncio.sleep(0.2)
+        assert rx.wakeups == 0  # idle: not one read
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(count):
+                before = time.monotonic()
+                sock.sendto(b"%d;1" % PID, rx.address)
+                # read at once: last_seen moves past the send within a bound
+                await until(lambda t=before: rx.table.last_seen(PID) >= t, 5.0)
+                await asyncio.sleep(0.002)
+        assert counted(rx).heartbeats == count
+        assert count <= rx.wakeups <= 2 * count, rx.wakeups
         rx.close()
 
     run(loop_factory, scenario())
@@ -165,11 +171,29 @@ def test_a_backlog_larger_than_the_budget_is_read(
 
     async def scenario() -> None:
         rx.start(asyncio.get_running_loop())
-        await until(lambda: rx.metrics.heartbeats == 500)
-        assert rx.wakeups >= 500 // 16  # budget-sized reads
+        await until(lambda: counted(rx).heartbeats == 500)
         rx.close()
 
     run(loop_factory, scenario())
+
+
+def test_close_stops_the_thread_and_keeps_its_last_counts(
+    core: ModuleType, loop_factory: LoopFactory
+) -> None:
+    rx = receiver(core, port=str(free_udp_port()))
+
+    async def scenario() -> None:
+        rx.open()
+        rx.start(asyncio.get_running_loop())
+        assert rx.address is not None and rx.table.reading
+        added = rx.table.last_seen(PID)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"%d;1" % PID, rx.address)
+        await until(lambda: rx.table.last_seen(PID) > added)
+        rx.close()  # collects what the thread counted: no tick needed
+
+    run(loop_factory, scenario())
+    assert not rx.table.reading and rx.metrics.heartbeats == 1
 
 
 def test_custom_format_and_unix_socket_use_the_same_path(

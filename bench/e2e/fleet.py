@@ -1,10 +1,13 @@
 """A real circusd running the fleet, and the daemons that watch it.
 
-The ``fleet`` watcher runs ``procs`` processes (``sleep``): the flood carries
-their real pids. The ``probe`` watcher runs one more that nobody floods, for
-the freshness measurement. Each daemon is the standalone ``circus-watchdog``
-on its own UDP port, monitoring both watchers, with ``--loop-rate 3600`` (no
-pid times out during a run) and ``--dry-run`` (nothing is ever killed).
+The ``fleet`` watcher (or ``fleet0``, ``fleet1``, ...) runs ``procs``
+processes (``cmd``: ``bench/floors/beat.c`` beating to one fixed port, or
+``pause.c`` for loadgen to beat for): the heartbeats carry their real pids.
+The ``probe`` watcher runs one more (``probe_cmd``) that never beats by
+itself, for the freshness measurement.
+Each daemon is the standalone ``circus-watchdog`` on its own UDP port (or the
+fixed one), monitoring every watcher, with ``--loop-rate 3600`` (no pid times
+out during a run) and ``--dry-run`` (nothing is ever killed).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from harness import (
 SLEEP = "sleep 36000"  # a real process that costs nothing
 SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet, plus 1 s per 25
 SYNC_LIMIT = 60.0  # seconds for a daemon to monitor the whole fleet
-WATCHED = "^(fleet|probe)$"
+WATCHED = r"^(fleet\d*|probe)$"
 
 
 @dataclass
@@ -50,10 +53,11 @@ class Fleet:
     start_daemon: Callable[..., Standalone]
     cpu: int | None
 
-    def daemon(self, name: str, *flags: str) -> Daemon:
-        """Start ``circus-watchdog`` with ``flags``; return once it monitors
-        every fleet and probe pid, its threads pinned to the receivers' CPU."""
-        port = free_udp_port()
+    def daemon(self, name: str, *flags: str, port: int = 0) -> Daemon:
+        """Start ``circus-watchdog`` with ``flags`` on UDP ``port`` (0: a free
+        one); return once it monitors every fleet and probe pid, its threads
+        pinned to the receivers' CPU."""
+        port = port or free_udp_port()
         args = ("--port", str(port), "--loop-rate", "3600", "--dry-run")
         args += ("--watchers-regex", WATCHED, *flags)
         proc = self.start_daemon(self.circusd, *args, core=None)
@@ -72,19 +76,23 @@ def pin_threads(pid: int, cpu: int) -> None:
 
 @contextmanager
 def fleet(
-    workdir: Path, procs: int, cpu: int | None, cmd: str = SLEEP
+    workdir: Path,
+    procs: int,
+    cpu: int | None,
+    cmd: str = SLEEP,
+    probe_cmd: str | None = None,
+    watchers: int = 1,
 ) -> Iterator[Fleet]:
-    """circusd with the fleet and the probe (each process runs ``cmd``);
-    everything stopped on exit."""
-    sections = f"""\
-[watcher:fleet]
-cmd = {cmd}
-numprocesses = {procs}
-
-[watcher:probe]
-cmd = {cmd}
-numprocesses = 1
-"""
+    """circusd with the fleet (each process runs ``cmd``; ``watchers`` > 1:
+    split over watchers fleet0, fleet1, ...) and the probe (``probe_cmd``,
+    default ``cmd``); everything stopped on exit."""
+    names = ["fleet"] if watchers == 1 else [f"fleet{i}" for i in range(watchers)]
+    sections = "".join(
+        f"[watcher:{name}]\ncmd = {cmd}\nwarmup_delay = 0\n"
+        f"numprocesses = {procs // watchers + (i < procs % watchers)}\n\n"
+        for i, name in enumerate(names)
+    )
+    sections += f"[watcher:probe]\ncmd = {probe_cmd or cmd}\nnumprocesses = 1\n"
     with (
         circusd_pool(workdir) as start_circusd,
         standalone_pool(workdir, show_logs=False) as start_daemon,
@@ -92,7 +100,7 @@ numprocesses = 1
         circusd = start_circusd(sections)
 
         def whole_fleet() -> list[int] | None:
-            pids = circusd.pids("fleet")
+            pids = [pid for name in names for pid in circusd.pids(name)]
             return pids if len(pids) == procs else None
 
         pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT + procs / 25, interval=0.5)

@@ -1,18 +1,29 @@
 """``python -m bench.e2e.fleetrate``: the whole daemon at the rates fleets send.
 
-Fleet rates: for each fleet size N, circusd runs N real processes
-(``bench/floors/pause.c``: they sleep in ``pause()``) and the standalone
-daemon monitors them as an operator runs it (``--loop-rate 60``, with
-``--dry-run`` so nothing is killed); loadgen beats for every pid once a second
-(N heartbeats/s).  The daemon, circus 0.19's receive path (``original.py``)
-and both C floors get the same windows, interleaved and rotated
-(`matrix.rates`): CPU per heartbeat and wake-ups per second (context switches
-of all its threads).  Then freshness probes under the same traffic
-(`matrix.freshness`).  The daemon's CPU at one heartbeat per second per pid,
-per 1,000 pids, is its at-rest cost.  ``--baseline SRC`` adds a second
-daemon run from another source tree (``SRC``: its ``src`` directory, put first
-on ``PYTHONPATH``), named ``baseline``, to the same windows: before and after
-a change, side by side.
+Fleet rates: for each fleet size N, circusd runs N real processes that beat
+as watched processes do (``--fleet beat``, the default; ``bench/floors/beat.c``:
+each sends ``PID;TIMESTAMP`` once a second at its own random phase, so N
+heartbeats/s from N independent senders) to one UDP port chosen at start.  The
+receivers under test bind that port in turn, one window each: the standalone
+daemon as an operator runs it (``--loop-rate 60``, with ``--dry-run`` so
+nothing is killed; started afresh for each window, once it monitors the whole
+fleet), circus 0.19's receive path (``original.py``) and both C floors.
+Between windows the port is closed and the kernel drops the beats (unconnected
+UDP: the senders see no error).  Nothing is pinned: the senders spread over
+every CPU as in production.  Counted per window: what the receiver read (the
+read rate is N/s by construction), its CPU per heartbeat and wake-ups per
+second (context switches of all its threads).  ``--fleet loadgen`` is the
+earlier set-up: the processes sleep in ``pause()`` (``bench/floors/pause.c``),
+loadgen beats for every pid once a second from CPU 0, the receivers are pinned
+to CPU 1 and the daemon runs through every window.
+
+Windows are interleaved and rotated (`matrix.rates`).  Then freshness probes
+(`matrix.probe_once`): with loadgen on an idle daemon and under a loadgen
+flood (`matrix.freshness`); with the beating fleet, under the fleet only.  The
+daemon's CPU at one heartbeat per second per pid, per 1,000 pids, is its
+at-rest cost.  ``--baseline SRC`` adds a second daemon run from another source
+tree (``SRC``: its ``src`` directory, put first on ``PYTHONPATH``), named
+``baseline``, to the same windows: before and after a change, side by side.
 
 Spawn: circusd starts 50 watchers x 100 processes with no plugin, with
 circus-watchdog as its plugin and with circus 0.19's plugin, in rotated order:
@@ -27,28 +38,45 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from harness import fetch_status, free_ports, start_circusd, wait_for
+from harness import (
+    fetch_status,
+    free_ports,
+    free_udp_port,
+    start_circusd,
+    wait_for,
+)
 
 from . import matrix
 from .accounting import cpu_seconds
 from .cli import machine
-from .fleet import fleet
-from .floors import FLOORS, PAUSE, build
-from .receivers import DaemonReceiver, FloorReceiver, OriginalReceiver
+from .fleet import Daemon, Fleet, fleet
+from .floors import BEAT, FLOORS, PAUSE, build
+from .receivers import (
+    Counted,
+    DaemonReceiver,
+    DaemonRun,
+    FloorReceiver,
+    OriginalReceiver,
+    Receiver,
+    Run,
+)
 from .report import _fmt, paired, spread
 from .sender import ROOT, Sender, pinned
 
 Log = Callable[[str], None]
 RCVBUF = 8 << 20  # the daemon's default, for the original and the floors
+WARM = 1.0  # seconds a fresh daemon reads the fleet before its window
 SPAWN_WATCHERS, SPAWN_PROCS = 50, 100
 SPAWN_LIMIT = 300.0  # seconds for circusd to start the spawn fleet
 SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
@@ -67,24 +95,79 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="repetitions")
     p.add_argument("--probes", type=int, default=7, help="freshness probes, 0: none")
     p.add_argument("--spawn-repeats", type=int, default=2, help="0: no spawn phase")
-    p.add_argument("--no-pin", dest="pin", action="store_false")
+    p.add_argument(
+        "--fleet",
+        choices=("beat", "loadgen"),
+        default="beat",
+        help="who beats: the fleet's processes, or loadgen for them (pinned)",
+    )
+    p.add_argument("--watchers", type=int, default=1, help="fleet split over K")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="loadgen only")
     p.add_argument("--baseline", type=Path, metavar="SRC", help="another daemon")
     p.add_argument("--out", type=Path, help="results JSON")
     p.add_argument("--report-only", type=Path, metavar="RESULTS_JSON")
     args = p.parse_args(argv)
     args.sizes = [int(n) for n in args.pids.split(",") if n.strip()]
+    if args.fleet == "beat":
+        args.pin = False
     return args
+
+
+class FleetBeats(Sender):
+    """The fleet is the sender: ``run`` only lets a window pass."""
+
+    def __init__(self) -> None:
+        super().__init__("", "", None)
+
+    def run(
+        self, port: int, rate: str, *, duration: float, count: int = 0
+    ) -> dict[str, Any]:
+        t0 = time.monotonic()
+        time.sleep(duration)
+        return {"sent": None, "rate": None, "elapsed": time.monotonic() - t0}
+
+
+class FixedRun(DaemonRun):
+    """A daemon started for one window on the fleet's port, stopped after it."""
+
+    def finish(self) -> Counted:
+        try:
+            return super().finish()
+        finally:
+            self._daemon.stop(signal.SIGTERM)
+
+
+@dataclass
+class FixedDaemon:
+    """A daemon (this tree's, or ``src``'s) on the fleet's fixed port."""
+
+    kind: str
+    fl: Fleet
+    port: int
+    src: Path | None = None
+
+    def start(self) -> Daemon:
+        return _start_daemon(self.fl, self.kind, self.src, self.port)
+
+    def open(self) -> Run:
+        daemon = self.start()
+        time.sleep(WARM)  # its read schedule settles on the fleet's traffic
+        return FixedRun(self.kind, daemon.proc, self.port)
 
 
 def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str, Any]:
     """The four receivers on a fleet of ``n`` pids beating once a second."""
+    if args.fleet == "beat":
+        return beat_rates(workdir, n, args, log)
     exe = build(workdir, (*FLOORS, PAUSE))
     rx_cpu = 1 if args.pin else None
     (workdir / f"fleet{n}").mkdir()
-    with fleet(workdir / f"fleet{n}", n, rx_cpu, str(exe[PAUSE])) as fl:
+    with fleet(
+        workdir / f"fleet{n}", n, rx_cpu, str(exe[PAUSE]), watchers=args.watchers
+    ) as fl:
         if args.pin:
             os.sched_setaffinity(0, {0})
-        sender = Sender(fl.circusd.endpoint, "^fleet$", 0 if args.pin else None)
+        sender = Sender(fl.circusd.endpoint, r"^fleet\d*$", 0 if args.pin else None)
         daemon = fl.daemon("daemon", "--loop-rate", "60")
         version = daemon.proc.status()["version"]
         log(f"{n} pids under circusd; daemon {version}")
@@ -105,18 +188,79 @@ def rates(workdir: Path, n: int, args: argparse.Namespace, log: Log) -> dict[str
     return out
 
 
-def _baseline(fl: Any, src: Path | None, log: Log) -> list[DaemonReceiver]:
-    # The daemon of another source tree (its src directory first on the path).
+def beat_rates(
+    workdir: Path, n: int, args: argparse.Namespace, log: Log
+) -> dict[str, Any]:
+    """`rates` with a fleet of ``n`` beat processes, nothing pinned."""
+    exe = build(workdir, (*FLOORS, PAUSE, BEAT))
+    port = free_udp_port()
+    (workdir / f"fleet{n}").mkdir()
+    cmd = f"{exe[BEAT]} {port}"
+    probe_cmd = str(exe[PAUSE])
+    with fleet(workdir / f"fleet{n}", n, None, cmd, probe_cmd, args.watchers) as fl:
+        log(f"{n} pids under circusd beat to port {port}")
+        daemons = [FixedDaemon("daemon", fl, port)]
+        if args.baseline is not None:
+            daemons.append(FixedDaemon("baseline", fl, port, args.baseline))
+        versions = {}
+        for rx in daemons:  # its version, and a first start-up off the clock
+            daemon = rx.start()
+            versions[rx.kind] = daemon.proc.status()["version"]
+            daemon.proc.stop(signal.SIGTERM)
+            log(f"{rx.kind} {versions[rx.kind]}")
+        receivers: list[Receiver] = [
+            *daemons,
+            OriginalReceiver(RCVBUF, fl.pids, port=port),
+            *(FloorReceiver(exe[kind], RCVBUF, port=port) for kind in FLOORS),
+        ]
+        rows = matrix.rates(
+            receivers, FleetBeats(), [str(n)], args.window, args.repeats, log
+        )
+        out: dict[str, Any] = {"pids": n, "version": versions["daemon"], "rows": rows}
+        if "baseline" in versions:
+            out["baseline_version"] = versions["baseline"]
+        if args.probes:
+            daemon = _start_daemon(fl, "daemon", None, port)
+            try:
+                out["freshness"] = fleet_freshness(daemon, fl.probe, args.probes, log)
+            finally:
+                daemon.proc.stop(signal.SIGTERM)
+    return out
+
+
+def fleet_freshness(daemon: Daemon, probe: int, tries: int, log: Log) -> dict[str, Any]:
+    """Probe delays under the beating fleet (no idle daemon: the fleet beats)."""
+    delays, hows = [], set()
+    for _ in range(tries):
+        time.sleep(matrix.PROBE_INTERVAL)
+        delay, how = matrix.probe_once(daemon, probe)
+        delays.append(round(delay, 6))
+        hows.add(how)
+    log(f"freshness under the fleet: {', '.join(f'{d * 1e3:.2f}' for d in delays)} ms")
+    flood = {"delays": delays, "method": sorted(hows)}
+    return {"tries": tries, "flood_rate": "fleet", "flood": flood}
+
+
+def _start_daemon(fl: Fleet, name: str, src: Path | None, port: int = 0) -> Daemon:
+    # This tree's daemon, or another source tree's (its src directory first on
+    # the path), on UDP ``port`` (0: a free one).
     if src is None:
-        return []
+        return fl.daemon(name, "--loop-rate", "60", port=port)
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(src.resolve())
     try:
-        daemon = fl.daemon("baseline", "--loop-rate", "60")
+        return fl.daemon(name, "--loop-rate", "60", port=port)
     finally:
         os.environ.pop("PYTHONPATH")
         if saved is not None:
             os.environ["PYTHONPATH"] = saved
+
+
+def _baseline(fl: Any, src: Path | None, log: Log) -> list[DaemonReceiver]:
+    # The loadgen set-up's baseline: runs through every window.
+    if src is None:
+        return []
+    daemon = _start_daemon(fl, "baseline", src)
     log(f"baseline {daemon.proc.status()['version']} from {src}")
     return [DaemonReceiver("baseline", daemon.proc, daemon.port)]
 
@@ -186,7 +330,13 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             mine = [r for r in rows if r["receiver"] == kind]
             cell[kind] = {
                 key: spread(r.get(key) for r in mine)
-                for key in ("ran_us_per_hb", "cpu_us_per_hb", "wakeups_per_s", "cpu")
+                for key in (
+                    "ran_us_per_hb",
+                    "cpu_us_per_hb",
+                    "wakeups_per_s",
+                    "processed_rate",
+                    "cpu",
+                )
             }
         daemon_cpu = cell["daemon"]["cpu"]
         if daemon_cpu:  # % of a core per 1,000 pids at one heartbeat/s per pid
@@ -204,6 +354,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             cell["freshness_ms"] = {
                 k: spread(d * 1e3 for d in fl["freshness"][k]["delays"])
                 for k in ("idle", "flood")
+                if k in fl["freshness"]
             }
         out[str(n)] = cell
     for name in PLUGINS:
@@ -219,8 +370,8 @@ def markdown(res: dict[str, Any]) -> str:
     summ = summary(res)
     out = [
         "| pids = heartbeats/s | receiver | CPU us/heartbeat (schedstat) "
-        "| CPU us/heartbeat (psutil) | wake-ups/s |",
-        "|--:|---|--:|--:|--:|",
+        "| CPU us/heartbeat (psutil) | wake-ups/s | read/s |",
+        "|--:|---|--:|--:|--:|--:|",
     ]
     ratios = [
         "| pids | original / daemon | daemon / floor_sleep | freshness idle, "
@@ -236,7 +387,8 @@ def markdown(res: dict[str, Any]) -> str:
             c = cell[kind]
             out.append(
                 f"| {int(n):,} | {kind} | {_fmt(c['ran_us_per_hb'])} | "
-                f"{_fmt(c['cpu_us_per_hb'])} | {_fmt(c['wakeups_per_s'], '.0f')} |"
+                f"{_fmt(c['cpu_us_per_hb'])} | {_fmt(c['wakeups_per_s'], '.0f')} | "
+                f"{_fmt(c['processed_rate'], '.0f')} |"
             )
         fresh = cell.get("freshness_ms", {})
         ratios.append(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 FLOORS = ("floor_block", "floor_sleep")
 PAUSE = "pause"  # a fleet process for the fleet-rate run, not a floor
+BEAT = "beat"  # a fleet process that beats once a second (beat.c)
 SOURCES = Path(__file__).resolve().parent.parent / "floors"
 START_LIMIT = 10.0  # seconds for a floor to print "ready"
 STOP_LIMIT = 10.0  # seconds for a floor to print its count after SIGTERM
@@ -103,7 +104,11 @@ class CountingProc:
 
 
 def start_floor(
-    exe: Path, rcvbuf: int, preexec: Callable[[], None] | None = None
+    exe: Path,
+    rcvbuf: int,
+    preexec: Callable[[], None] | None = None,
+    port: int = 0,
 ) -> CountingProc:
-    """Run a built floor on a free loopback port with ``rcvbuf`` bytes."""
-    return CountingProc(exe.name, [str(exe), "0", str(rcvbuf), "0"], preexec=preexec)
+    """Run a built floor on loopback ``port`` (0: a free one) with ``rcvbuf`` bytes."""
+    cmd = [str(exe), str(port), str(rcvbuf), "0"]
+    return CountingProc(exe.name, cmd, preexec=preexec)

@@ -56,7 +56,8 @@ def window(rx: Receiver, sender: Sender, rate: str, seconds: float) -> dict[str,
         drops0, snmp0 = udp_socket_stats(run.port)[1], rcvbuf_errors()
         cpu0, wake0, ran0 = cpu_seconds(run.pid), wakeups(run.pid), run_seconds(run.pid)
         sent = sender.run(run.port, rate, duration=seconds)
-        wait_drained(run.port)
+        if sent["sent"] is not None:  # None: the fleet sends on, nothing drains
+            wait_drained(run.port)
         time.sleep(SETTLE)
         cpu1, wake1, ran1 = cpu_seconds(run.pid), wakeups(run.pid), run_seconds(run.pid)
         drops1, snmp1 = udp_socket_stats(run.port)[1], rcvbuf_errors()
@@ -74,7 +75,7 @@ def window(rx: Receiver, sender: Sender, rate: str, seconds: float) -> dict[str,
         "sent_rate": sent["rate"],
         "datagrams": got.datagrams,
         "heartbeats": hb,
-        "loss": sent["sent"] - got.datagrams,
+        "loss": None if sent["sent"] is None else sent["sent"] - got.datagrams,
         "socket_drops": drops1 - drops0,
         "rcvbuf_errors": snmp1 - snmp0,
         "cpu": round(cpu, 4),
@@ -88,11 +89,13 @@ def window(rx: Receiver, sender: Sender, rate: str, seconds: float) -> dict[str,
 
 
 def _log_row(log: Log, tag: str, row: dict[str, Any]) -> None:
-    cpu = row["cpu_us_per_hb"]
+    cpu, sent, loss = row["cpu_us_per_hb"], "-", "-"
+    if row["sent"] is not None:  # None: the fleet sent, nobody counted
+        sent = f"{row['sent']:>9,} ({row['sent_rate']:>9,.0f}/s)"
+        loss = f"{row['loss']:>8,}"
     log(
-        f"{tag} {row['offered']:>7} {row['receiver']:>12}: sent {row['sent']:>9,} "
-        f"({row['sent_rate']:>9,.0f}/s) counted {row['datagrams']:>9,} loss "
-        f"{row['loss']:>8,} drops {row['socket_drops']:>7,} cpu "
+        f"{tag} {row['offered']:>7} {row['receiver']:>12}: sent {sent} counted "
+        f"{row['datagrams']:>9,} loss {loss} drops {row['socket_drops']:>7,} cpu "
         f"{'-' if cpu is None else format(cpu, '.3f')} us/hb"
     )
 

@@ -1,11 +1,11 @@
 """circus 0.19's ``WatchDog`` receive path, as a receiver process of its own.
 
-``python bench/e2e/original.py --rcvbuf BYTES --pids 1,2,3`` builds a
-``circus.plugins.watchdog.WatchDog`` (port 0: any free loopback port), puts the
-pids in its ``pid_status`` as its ``handle_recv`` does on a ``spawn`` event,
-binds with its own ``_bind_socket`` (which registers ``receive_udp_socket`` on
-its tornado IOLoop: one ``recvfrom``, decode, regex and ``pid_status`` update
-per wake-up), sizes the buffer as the daemon does
+``python bench/e2e/original.py --rcvbuf BYTES --pids 1,2,3 [--port N]`` builds
+a ``circus.plugins.watchdog.WatchDog`` (port N, default 0: any free loopback
+port), puts the pids in its ``pid_status`` as its ``handle_recv`` does on a
+``spawn`` event, binds with its own ``_bind_socket`` (which registers
+``receive_udp_socket`` on its tornado IOLoop: one ``recvfrom``, decode, regex
+and ``pid_status`` update per wake-up), sizes the buffer as the daemon does
 (``circus_watchdog.sockets.set_rcvbuf``), prints ``ready PORT GRANTED`` and
 runs the loop. On SIGTERM it prints ``count N``
 (datagrams read) and exits: the same protocol as the C floors.
@@ -32,6 +32,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rcvbuf", type=int, required=True, help="SO_RCVBUF (bytes)")
     p.add_argument("--pids", required=True, help="known pids, comma-separated")
+    p.add_argument("--port", type=int, default=0, help="UDP port (0: any free)")
     args = p.parse_args()
 
     from circus import logger as circus_logger
@@ -43,7 +44,7 @@ def main() -> int:
         "tcp://127.0.0.1:2",
         1.0,
         None,
-        port=0,
+        port=args.port,
         ip="127.0.0.1",
         loop_rate=LOOP_RATE,
     )

@@ -65,13 +65,14 @@ class FloorReceiver:
     exe: Path
     rcvbuf: int
     preexec: Callable[[], None] | None = None
+    port: int = 0  # 0: a free port
 
     @property
     def kind(self) -> str:
         return self.exe.name
 
     def open(self) -> Run:
-        return ProcRun(start_floor(self.exe, self.rcvbuf, self.preexec))
+        return ProcRun(start_floor(self.exe, self.rcvbuf, self.preexec, self.port))
 
 
 @dataclass
@@ -82,9 +83,11 @@ class OriginalReceiver:
     pids: Sequence[int]
     preexec: Callable[[], None] | None = None
     kind: str = "original"
+    port: int = 0  # 0: a free port
 
     def open(self) -> Run:
         cmd = [sys.executable, str(ORIGINAL), "--rcvbuf", str(self.rcvbuf)]
+        cmd += ["--port", str(self.port)]
         cmd += ["--pids", ",".join(map(str, self.pids))]
         proc = CountingProc("original", cmd, preexec=self.preexec, start_limit=30)
         return ProcRun(proc)

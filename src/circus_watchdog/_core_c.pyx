@@ -1,12 +1,15 @@
 # cython: language_level=3
-# Not freethreading_compatible: a HeartbeatTable and its receive buffers are
-# not safe to share between threads (no locks; the engine drives each table
-# from its one event loop), so a free-threaded build keeps the GIL on import.
+# Not freethreading_compatible: a table's mutex is taken with the GIL held
+# (Python callers) or without it (its reader thread, which never takes the
+# GIL); a free-threaded build keeps the GIL on import.
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 # cython: binding=False
 # Compiled twin of _core_py.py: the same algorithm on C arrays, so a datagram
 # is parsed in the receive buffer and applied to the table with no Python
 # object, and both twins return identical results in identical order.
+# The reader thread (described in _core_py's docstring) is a pthread that
+# blocks in recvmmsg(MSG_WAITFORONE) into its own buffers, takes the table's
+# mutex to apply a batch, and is stopped by shutdown(SHUT_RD) on its socket.
 
 from cpython.bytes cimport (
     PyBytes_AS_STRING,
@@ -14,11 +17,19 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.math cimport floor
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport strtod
 from libc.string cimport memchr, memcmp, memcpy, memset
+from posix.time cimport (
+    CLOCK_MONOTONIC,
+    CLOCK_REALTIME,
+    clock_gettime,
+    nanosleep,
+    timespec,
+)
 from posix.unistd cimport close
 
 from ._syscalls cimport (
@@ -37,9 +48,26 @@ from ._syscalls cimport (
     ucred,
     MSG_DONTWAIT,
     MSG_TRUNC,
+    MSG_WAITFORONE,
+    PTHREAD_MUTEX_RECURSIVE,
+    SHUT_RD,
     iovec,
     mmsghdr,
+    pthread_create,
+    pthread_join,
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_t,
+    pthread_mutex_trylock,
+    pthread_mutex_unlock,
+    pthread_mutexattr_destroy,
+    pthread_mutexattr_init,
+    pthread_mutexattr_settype,
+    pthread_mutexattr_t,
+    pthread_t,
     recvmmsg,
+    shutdown,
 )
 
 cdef extern from *:
@@ -52,8 +80,14 @@ cdef extern from "<string.h>" nogil:
 import os
 
 from ._core_py import (
+    ERROR_PAUSE,
+    FLOOD_BATCH,
+    FLOOD_READ,
+    FLOOD_SMOOTHING,
+    LONGEST_WAIT,
     DrainCounts,
     _check_args,
+    _check_reader_args,
     _check_pid,
     _check_seconds,
     _wheel_size,
@@ -71,6 +105,20 @@ cdef enum:
     NONE = -1
     EMPTY = 0  # hash key of a free entry: 0 is never a valid pid
 
+cdef enum:
+    # Indices of a counts array: DrainCounts' fields after ``datagrams``,
+    # then heartbeats that could not be re-filed (no memory).
+    HEARTBEATS = 0
+    UNKNOWN = 1
+    MALFORMED = 2
+    STALE = 3
+    UNFILED = 4
+
+cdef double FLOOD_PASS = FLOOD_BATCH
+cdef double FLOOD_AIM = FLOOD_READ
+cdef double LONGEST = LONGEST_WAIT
+cdef double FLOOD_WEIGHT = 1.0 / FLOOD_SMOOTHING
+cdef double ERROR_SLEEP = ERROR_PAUSE
 cdef int32_t PID_MAX = 2147483647  # as _core_py's (the twin tests hold both)
 
 # Room for the control messages of one datagram: SO_RXQ_OVFL (a uint32_t drop
@@ -82,6 +130,73 @@ cdef size_t CONTROL_SIZE = (
     + CMSG_SPACE(sizeof(ucred))
     + CMSG_SPACE(MAX_PASSED_FDS * sizeof(int))
 )
+
+
+ctypedef struct RecvBuf:
+    # BATCH datagrams of RECV_SIZE bytes and their control data, for recvmmsg.
+    unsigned char *data
+    mmsghdr *msgs
+    iovec *iov
+    unsigned char *control
+
+
+cdef int _recvbuf_alloc(RecvBuf *b) noexcept:
+    # 0, or -1 (with nothing left allocated) when memory is short.
+    cdef int i
+    b.data = <unsigned char *>PyMem_RawMalloc(BATCH * RECV_SIZE)
+    b.msgs = <mmsghdr *>PyMem_RawMalloc(BATCH * sizeof(mmsghdr))
+    b.iov = <iovec *>PyMem_RawMalloc(BATCH * sizeof(iovec))
+    b.control = <unsigned char *>PyMem_RawMalloc(BATCH * CONTROL_SIZE)
+    if b.data == NULL or b.msgs == NULL or b.iov == NULL or b.control == NULL:
+        _recvbuf_free(b)
+        return -1
+    memset(b.msgs, 0, BATCH * sizeof(mmsghdr))
+    for i in range(BATCH):
+        b.iov[i].iov_base = b.data + i * RECV_SIZE
+        b.iov[i].iov_len = RECV_SIZE
+        b.msgs[i].msg_hdr.msg_iov = &b.iov[i]
+        b.msgs[i].msg_hdr.msg_iovlen = 1
+        b.msgs[i].msg_hdr.msg_control = b.control + i * CONTROL_SIZE
+    return 0
+
+
+cdef void _recvbuf_free(RecvBuf *b) noexcept nogil:
+    PyMem_RawFree(b.data)
+    PyMem_RawFree(b.msgs)
+    PyMem_RawFree(b.iov)
+    PyMem_RawFree(b.control)
+    memset(b, 0, sizeof(RecvBuf))
+
+
+cdef inline int _recvmmsg(RecvBuf *b, int fd, int want, int flags) noexcept nogil:
+    # recvmmsg(2) into b, retried on EINTR: the count, or -1 with errno set.
+    cdef int i, n
+    for i in range(want):
+        b.msgs[i].msg_hdr.msg_flags = 0
+        b.msgs[i].msg_hdr.msg_controllen = CONTROL_SIZE
+    while True:
+        n = recvmmsg(fd, b.msgs, want, flags | MSG_CMSG_CLOEXEC, NULL)
+        if n >= 0 or errno != EINTR:
+            return n
+
+
+cdef inline double _clock(int clock) noexcept nogil:
+    cdef timespec ts
+    clock_gettime(clock, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef void _sleep(double seconds) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = <long>seconds
+    ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
+    nanosleep(&ts, NULL)
+
+
+cdef void *_reader_main(void *table) noexcept nogil:
+    # The thread's entry: the table is kept alive by start_reader's reference.
+    (<HeartbeatTable>table)._read_loop()
+    return NULL
 
 
 ctypedef struct Slot:
@@ -308,28 +423,44 @@ cdef class HeartbeatTable:
     cdef dict _watcher_ids
     cdef double *_wlimit  # timeout of each watcher id
     cdef int32_t _wcap
-    cdef unsigned char *_rbuf
-    cdef mmsghdr *_msgs
-    cdef iovec *_iov
-    cdef unsigned char *_control
+    cdef RecvBuf _buf  # drain, drain_notify and drain_raw read into it
     cdef uint32_t _drops
     cdef int64_t _ctrunc  # datagrams whose control data did not fit
     cdef bint _passed  # the last batch carried SCM_RIGHTS descriptors
     cdef int32_t _sender[BATCH]  # pid from SCM_CREDENTIALS, 0 if none
+    # One mutex guards all of the above and below: every public method takes
+    # it, and so does the reader thread to apply a batch.
+    cdef pthread_mutex_t _mutex
+    cdef bint _mutex_ready
+    # The reader thread: its own buffer, its arguments, its counts.
+    cdef pthread_t _thread
+    cdef bint _reading, _stopping
+    cdef RecvBuf _tbuf
+    cdef int _rfd, _rbudget
+    cdef double _flood_delay, _max_age
+    cdef int64_t _rdatagrams, _rcounts[5]  # not yet taken by reader_counts
+    cdef int64_t _wakeups, _rerrors
 
     def __cinit__(self, timeout, tick):
         self._slots = NULL
         self._entries = NULL
         self._buckets = NULL
         self._spare.items = NULL
-        self._rbuf = NULL
-        self._msgs = NULL
-        self._iov = NULL
-        self._control = NULL
+        memset(&self._buf, 0, sizeof(RecvBuf))
+        memset(&self._tbuf, 0, sizeof(RecvBuf))
         self._wlimit = NULL
+        self._reading = False
+        # Recursive: drain_notify's resolve may ask the table (__contains__).
+        cdef pthread_mutexattr_t attr
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE)
+        self._mutex_ready = pthread_mutex_init(&self._mutex, &attr) == 0
+        pthread_mutexattr_destroy(&attr)
+        if not self._mutex_ready:
+            raise MemoryError()
 
     def __init__(self, timeout, tick):
-        cdef int64_t size, i
+        cdef int64_t size
         self._timeout, self._tick = _check_args(timeout, tick)
         size = _wheel_size(self._timeout, self._tick)
         self._mask = size - 1
@@ -338,27 +469,18 @@ cdef class HeartbeatTable:
         self._entries = <Entry *>PyMem_RawMalloc((1 << self._bits) * sizeof(Entry))
         self._cap = 16
         self._slots = <Slot *>PyMem_RawMalloc(self._cap * sizeof(Slot))
-        self._rbuf = <unsigned char *>PyMem_RawMalloc(BATCH * RECV_SIZE)
-        self._msgs = <mmsghdr *>PyMem_RawMalloc(BATCH * sizeof(mmsghdr))
-        self._iov = <iovec *>PyMem_RawMalloc(BATCH * sizeof(iovec))
-        self._control = <unsigned char *>PyMem_RawMalloc(BATCH * CONTROL_SIZE)
         self._wcap = 8
         self._wlimit = <double *>PyMem_RawMalloc(self._wcap * sizeof(double))
         if (self._wlimit == NULL or self._buckets == NULL or self._entries == NULL
-                or self._slots == NULL
-                or self._rbuf == NULL or self._msgs == NULL or self._iov == NULL
-                or self._control == NULL):
+                or self._slots == NULL or _recvbuf_alloc(&self._buf) < 0):
             raise MemoryError()
         memset(self._buckets, 0, size * sizeof(Bucket))
         memset(&self._spare, 0, sizeof(Bucket))
         memset(self._entries, 0, (1 << self._bits) * sizeof(Entry))
-        memset(self._msgs, 0, BATCH * sizeof(mmsghdr))
-        for i in range(BATCH):
-            self._iov[i].iov_base = self._rbuf + i * RECV_SIZE
-            self._iov[i].iov_len = RECV_SIZE
-            self._msgs[i].msg_hdr.msg_iov = &self._iov[i]
-            self._msgs[i].msg_hdr.msg_iovlen = 1
-            self._msgs[i].msg_hdr.msg_control = self._control + i * CONTROL_SIZE
+        self._rdatagrams = 0
+        memset(self._rcounts, 0, sizeof(self._rcounts))
+        self._wakeups = 0
+        self._rerrors = 0
         self._drops = 0
         self._ctrunc = 0
         self._passed = False
@@ -371,6 +493,11 @@ cdef class HeartbeatTable:
         self._watcher_ids = {}
 
     def __dealloc__(self):
+        # Never while reading (the thread holds a reference), but be sure.
+        if self._reading:
+            self._stop()
+        if self._mutex_ready:
+            pthread_mutex_destroy(&self._mutex)
         PyMem_RawFree(self._slots)
         PyMem_RawFree(self._entries)
         cdef int64_t i
@@ -379,52 +506,90 @@ cdef class HeartbeatTable:
                 PyMem_RawFree(self._buckets[i].items)
         PyMem_RawFree(self._buckets)
         PyMem_RawFree(self._spare.items)
-        PyMem_RawFree(self._rbuf)
-        PyMem_RawFree(self._msgs)
-        PyMem_RawFree(self._iov)
-        PyMem_RawFree(self._control)
+        _recvbuf_free(&self._buf)
+        _recvbuf_free(&self._tbuf)
         PyMem_RawFree(self._wlimit)
+
+    cdef inline void _lock(self) noexcept:
+        # With the GIL: wait for the mutex without it if the reader thread
+        # (which never takes the GIL) holds it.
+        if pthread_mutex_trylock(&self._mutex) != 0:
+            with nogil:
+                pthread_mutex_lock(&self._mutex)
+
+    cdef inline void _unlock(self) noexcept nogil:
+        pthread_mutex_unlock(&self._mutex)
 
     @property
     def timeout(self):
         """Seconds of silence after which a pid expires."""
-        return self._timeout
+        self._lock()
+        value = self._timeout
+        self._unlock()
+        return value
 
     @property
     def tick(self):
         """Granularity of the timing wheel, in seconds."""
-        return self._tick
+        self._lock()
+        value = self._tick
+        self._unlock()
+        return value
 
     def __len__(self):
-        return self._count
+        self._lock()
+        value = self._count
+        self._unlock()
+        return value
 
     def __contains__(self, pid):
-        if type(pid) is not int or not 1 <= pid <= PID_MAX:
-            return False
-        return self._find(pid) != NONE
+        self._lock()
+        try:
+            if type(pid) is not int or not 1 <= pid <= PID_MAX:
+                return False
+            return self._find(pid) != NONE
+        finally:
+            self._unlock()
 
     def pids(self):
         """The monitored pids, in no particular order."""
         cdef int32_t i
-        return [self._entries[i].pid for i in range(1 << self._bits)
-                if self._entries[i].pid != EMPTY]
+        self._lock()
+        try:
+            return [self._entries[i].pid for i in range(1 << self._bits)
+                    if self._entries[i].pid != EMPTY]
+        finally:
+            self._unlock()
 
     def watcher_counts(self):
         """How many pids each watcher has in the table (watchers with none left out)."""
         cdef int32_t i
-        cdef list counts = [0] * len(self._watchers)
-        for i in range(1 << self._bits):
-            if self._entries[i].pid != EMPTY:
-                counts[self._slots[self._entries[i].slot].wid] += 1
-        return {w: n for w, n in zip(self._watchers, counts) if n}
+        cdef list counts
+        self._lock()
+        try:
+            counts = [0] * len(self._watchers)
+            for i in range(1 << self._bits):
+                if self._entries[i].pid != EMPTY:
+                    counts[self._slots[self._entries[i].slot].wid] += 1
+            return {w: n for w, n in zip(self._watchers, counts) if n}
+        finally:
+            self._unlock()
 
     def watcher_of(self, pid):
         """Name of the watcher that owns ``pid``; KeyError if not monitored."""
-        return self._watchers[self._slots[self._slot_of(pid)].wid]
+        self._lock()
+        try:
+            return self._watchers[self._slots[self._slot_of(pid)].wid]
+        finally:
+            self._unlock()
 
     def last_seen(self, pid):
         """Time of the last heartbeat (or add) of ``pid``; KeyError if unknown."""
-        return self._slots[self._slot_of(pid)].last
+        self._lock()
+        try:
+            return self._slots[self._slot_of(pid)].last
+        finally:
+            self._unlock()
 
     # -- the pid -> slot hash (linear probing, backward-shift deletion) ------
 
@@ -497,7 +662,8 @@ cdef class HeartbeatTable:
             self._started = True
             self._next_tick = self._tick_of(now)
 
-    cdef inline int _file(self, int32_t slot, double deadline) except -1:
+    cdef inline int _file(self, int32_t slot, double deadline) noexcept nogil:
+        # 0, or -1 (and nothing changed) when the bucket cannot grow.
         cdef int64_t t = self._tick_of(deadline)
         if t < self._next_tick:
             t = self._next_tick
@@ -509,7 +675,7 @@ cdef class HeartbeatTable:
             cap = 2 * bucket.cap if bucket.cap else 16
             grown = <int32_t *>PyMem_RawRealloc(bucket.items, cap * sizeof(int32_t))
             if grown == NULL:
-                raise MemoryError()
+                return -1
             bucket.items = grown
             bucket.cap = cap
         bucket.items[bucket.len] = slot
@@ -519,24 +685,31 @@ cdef class HeartbeatTable:
         return 0
 
     cdef inline void _unlink(self, int32_t slot) noexcept nogil:
-        cdef Bucket *bucket = &self._buckets[self._slots[slot].bucket]
-        cdef int32_t pos = self._slots[slot].pos
+        self._unlink_at(self._slots[slot].bucket, self._slots[slot].pos)
+
+    cdef inline void _unlink_at(self, int32_t b, int32_t pos) noexcept nogil:
+        cdef Bucket *bucket = &self._buckets[b]
         cdef int32_t moved = bucket.items[bucket.len - 1]
         bucket.items[pos] = moved
         self._slots[moved].pos = pos
         bucket.len -= 1
 
-    cdef inline int _refresh(self, int32_t slot, double now) except -1:
+    cdef inline int _refresh(self, int32_t slot, double now) noexcept nogil:
+        # 0, or -1 when re-filing needed memory it could not get: the beat
+        # then counts as seen, and the slot stays filed under its old limit.
         cdef Slot *s = &self._slots[slot]
         cdef double limit = self._wlimit[s.wid]
+        cdef int32_t b = s.bucket, pos = s.pos
         if now > s.last:
             s.last = now
         if s.limit != limit:
             # The grace period ends (or the watcher's timeout changed): the
-            # deadline may move earlier than the bucket it is filed in.
+            # deadline may move earlier than the bucket it is filed in.  File
+            # it anew first, so it is never in no bucket.
+            if self._file(slot, s.last + limit) < 0:
+                return -1
             s.limit = limit
-            self._unlink(slot)
-            self._file(slot, s.last + limit)
+            self._unlink_at(b, pos)
         return 0
 
     cdef inline void _release(self, int32_t slot) noexcept nogil:
@@ -567,12 +740,20 @@ cdef class HeartbeatTable:
 
     def set_watcher_timeout(self, str watcher, timeout):
         """Give ``watcher``'s pids their own timeout, from their next beat on."""
-        self._wlimit[self._intern(watcher)] = _check_seconds("timeout", timeout)
+        self._lock()
+        try:
+            self._wlimit[self._intern(watcher)] = _check_seconds("timeout", timeout)
+        finally:
+            self._unlock()
 
     def watcher_timeout(self, str watcher):
         """The timeout of ``watcher``'s pids."""
-        wid = self._watcher_ids.get(watcher)
-        return self._timeout if wid is None else self._wlimit[<int32_t>wid]
+        self._lock()
+        try:
+            wid = self._watcher_ids.get(watcher)
+            return self._timeout if wid is None else self._wlimit[<int32_t>wid]
+        finally:
+            self._unlock()
 
     def add(self, pid, str watcher, double now, grace=None):
         """Monitor ``pid`` of ``watcher`` (again) with a fresh deadline, ``grace``
@@ -580,60 +761,75 @@ cdef class HeartbeatTable:
         cdef int32_t slot, p, wid
         cdef double limit
         cdef Slot *grown
-        _check_pid(pid)
-        p = pid
-        wid = self._intern(watcher)
-        limit = self._wlimit[wid] if grace is None else _check_seconds("grace", grace)
-        self._start(now)
-        slot = self._find(p)
-        if slot != NONE:
-            self._unlink(slot)
-        else:
-            if 2 * (self._count + 1) > (1 << self._bits):
-                self._grow_hash()
-            if self._free != NONE:
-                slot = self._free
-                self._free = self._slots[slot].pos
+        self._lock()
+        try:
+            _check_pid(pid)
+            p = pid
+            wid = self._intern(watcher)
+            limit = (self._wlimit[wid] if grace is None
+                     else _check_seconds("grace", grace))
+            self._start(now)
+            slot = self._find(p)
+            if slot != NONE:
+                self._unlink(slot)
             else:
-                if self._nslots == self._cap:
-                    grown = <Slot *>PyMem_RawRealloc(
-                        self._slots, 2 * self._cap * sizeof(Slot))
-                    if grown == NULL:
-                        raise MemoryError()
-                    self._slots = grown
-                    self._cap *= 2
-                slot = self._nslots
-                self._nslots += 1
-            self._insert(p, slot)
-            self._count += 1
-        self._slots[slot].pid = p
-        self._slots[slot].wid = wid
-        self._slots[slot].last = now
-        self._slots[slot].limit = limit
-        self._file(slot, now + limit)
+                if 2 * (self._count + 1) > (1 << self._bits):
+                    self._grow_hash()
+                if self._free != NONE:
+                    slot = self._free
+                    self._free = self._slots[slot].pos
+                else:
+                    if self._nslots == self._cap:
+                        grown = <Slot *>PyMem_RawRealloc(
+                            self._slots, 2 * self._cap * sizeof(Slot))
+                        if grown == NULL:
+                            raise MemoryError()
+                        self._slots = grown
+                        self._cap *= 2
+                    slot = self._nslots
+                    self._nslots += 1
+                self._insert(p, slot)
+                self._count += 1
+            self._slots[slot].pid = p
+            self._slots[slot].wid = wid
+            self._slots[slot].last = now
+            self._slots[slot].limit = limit
+            if self._file(slot, now + limit) < 0:
+                raise MemoryError()
+        finally:
+            self._unlock()
 
     def remove(self, pid):
         """Stop monitoring ``pid``; False if it was not monitored."""
         cdef int32_t slot
-        if type(pid) is not int or not 1 <= pid <= PID_MAX:
-            return False
-        slot = self._find(pid)
-        if slot == NONE:
-            return False
-        self._unlink(slot)
-        self._release(slot)
-        return True
+        self._lock()
+        try:
+            if type(pid) is not int or not 1 <= pid <= PID_MAX:
+                return False
+            slot = self._find(pid)
+            if slot == NONE:
+                return False
+            self._unlink(slot)
+            self._release(slot)
+            return True
+        finally:
+            self._unlock()
 
     def beat(self, pid, double now):
         """Record a heartbeat; False (and nothing created) for an unknown pid."""
         cdef int32_t slot
-        if type(pid) is not int or not 1 <= pid <= PID_MAX:
-            return False
-        slot = self._find(pid)
-        if slot == NONE:
-            return False
-        self._refresh(slot, now)
-        return True
+        self._lock()
+        try:
+            if type(pid) is not int or not 1 <= pid <= PID_MAX:
+                return False
+            slot = self._find(pid)
+            if slot == NONE:
+                return False
+            if self._refresh(slot, now) < 0:
+                raise MemoryError()
+            return True
+        finally:
+            self._unlock()
 
     def expire(self, double now):
         """Remove and return ``(pid, watcher)`` of every pid silent for longer
@@ -644,35 +840,39 @@ cdef class HeartbeatTable:
         cdef Bucket walked
         cdef Slot *s
         cdef list out = []
-        self._start(now)
-        now_tick = self._tick_of(now)
-        if now_tick < self._next_tick:
-            now_tick = self._next_tick
-        span = now_tick - self._next_tick + 1
-        if span > self._mask + 1:
-            span = self._mask + 1
-        for i in range(span):
-            b = <int32_t>((self._next_tick + i) & self._mask)
-            if self._buckets[b].len == 0:
-                continue
-            # Detach: slots re-filed into b go to the spare, not walked again.
-            walked = self._buckets[b]
-            self._buckets[b] = self._spare
-            for j in range(walked.len):
-                if j + PREFETCH < walked.len:
-                    __builtin_prefetch(&self._slots[walked.items[j + PREFETCH]])
-                slot = walked.items[j]
-                s = &self._slots[slot]
-                deadline = s.last + s.limit
-                if deadline < now:
-                    out.append((s.pid, self._watchers[s.wid]))
-                    self._release(slot)
-                else:
-                    self._file(slot, deadline)
-            walked.len = 0
-            self._spare = walked  # every slot left it: reuse its memory
-        self._next_tick = now_tick  # the current tick is walked again next time
-        return out
+        self._lock()
+        try:
+            self._start(now)
+            now_tick = self._tick_of(now)
+            if now_tick < self._next_tick:
+                now_tick = self._next_tick
+            span = now_tick - self._next_tick + 1
+            if span > self._mask + 1:
+                span = self._mask + 1
+            for i in range(span):
+                b = <int32_t>((self._next_tick + i) & self._mask)
+                if self._buckets[b].len == 0:
+                    continue
+                # Detach: slots re-filed into b go to the spare, not walked again.
+                walked = self._buckets[b]
+                self._buckets[b] = self._spare
+                for j in range(walked.len):
+                    if j + PREFETCH < walked.len:
+                        __builtin_prefetch(&self._slots[walked.items[j + PREFETCH]])
+                    slot = walked.items[j]
+                    s = &self._slots[slot]
+                    deadline = s.last + s.limit
+                    if deadline < now:
+                        out.append((s.pid, self._watchers[s.wid]))
+                        self._release(slot)
+                    elif self._file(slot, deadline) < 0:
+                        raise MemoryError()
+                walked.len = 0
+                self._spare = walked  # every slot left it: reuse its memory
+            self._next_tick = now_tick  # the current tick is walked again next time
+            return out
+        finally:
+            self._unlock()
 
     # -- sockets --------------------------------------------------------------
 
@@ -682,24 +882,17 @@ cdef class HeartbeatTable:
         # sender passed (SCM_RIGHTS) are closed before returning, or, with
         # keep_fds, by the caller's _close_passed once it has read the batch.
         # MSG_CMSG_CLOEXEC: none of them leaks into a child meanwhile.
-        cdef int n, i
-        for i in range(want):
-            self._msgs[i].msg_hdr.msg_flags = 0
-            self._msgs[i].msg_hdr.msg_controllen = CONTROL_SIZE
-        while True:
-            n = recvmmsg(fd, self._msgs, want, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL)
-            if n >= 0:
-                self._note_drops(n)
-                if not keep_fds:
-                    self._close_passed(n)
-                return n
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:  # == EWOULDBLOCK on Linux: nothing queued
-                return 0
-            raise OSError(errno, os.strerror(errno))
+        cdef int n = _recvmmsg(&self._buf, fd, want, MSG_DONTWAIT)
+        if n >= 0:
+            self._note_drops(self._buf.msgs, n)
+            if not keep_fds:
+                self._close_passed(n)
+            return n
+        if errno == EAGAIN:  # == EWOULDBLOCK on Linux: nothing queued
+            return 0
+        raise OSError(errno, os.strerror(errno))
 
-    cdef inline void _note_drops(self, int n) noexcept nogil:
+    cdef inline void _note_drops(self, mmsghdr *msgs, int n) noexcept nogil:
         # With SO_RXQ_OVFL set on the socket, a datagram queued after a drop
         # carries the socket's cumulative drop count (socket(7)); the newest
         # is the largest.  With SO_PASSCRED on a Unix socket, each carries the
@@ -710,11 +903,11 @@ cdef class HeartbeatTable:
         cdef ucred cred
         for i in range(n):
             self._sender[i] = 0
-            if self._msgs[i].msg_hdr.msg_flags & MSG_CTRUNC:
+            if msgs[i].msg_hdr.msg_flags & MSG_CTRUNC:
                 self._ctrunc += 1
-            if self._msgs[i].msg_hdr.msg_controllen == 0:
+            if msgs[i].msg_hdr.msg_controllen == 0:
                 continue
-            c = CMSG_FIRSTHDR(&self._msgs[i].msg_hdr)
+            c = CMSG_FIRSTHDR(&msgs[i].msg_hdr)
             while c != NULL:
                 if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_RXQ_OVFL:
                     memcpy(&count, CMSG_DATA(c), sizeof(uint32_t))
@@ -725,7 +918,7 @@ cdef class HeartbeatTable:
                     self._sender[i] = cred.pid
                 elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_RIGHTS:
                     self._passed = True
-                c = CMSG_NXTHDR(&self._msgs[i].msg_hdr, c)
+                c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)
 
     cdef void _close_passed(self, int n) noexcept nogil:
         # Close every descriptor the last batch carried: a sender may attach
@@ -738,81 +931,104 @@ cdef class HeartbeatTable:
             return
         self._passed = False
         for i in range(n):
-            if self._msgs[i].msg_hdr.msg_controllen == 0:
+            if self._buf.msgs[i].msg_hdr.msg_controllen == 0:
                 continue
-            c = CMSG_FIRSTHDR(&self._msgs[i].msg_hdr)
+            c = CMSG_FIRSTHDR(&self._buf.msgs[i].msg_hdr)
             while c != NULL:
                 if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_RIGHTS:
                     count = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
                     for k in range(count):
                         memcpy(&fd, CMSG_DATA(c) + k * sizeof(int), sizeof(int))
                         close(fd)
-                c = CMSG_NXTHDR(&self._msgs[i].msg_hdr, c)
+                c = CMSG_NXTHDR(&self._buf.msgs[i].msg_hdr, c)
 
     @property
     def kernel_drops(self):
         """Datagrams the kernel dropped on the drained socket, as of the last
         datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
-        return self._drops
+        self._lock()
+        value = self._drops
+        self._unlock()
+        return value
 
     @property
     def control_truncated(self):
         """Datagrams whose control data (credentials, passed descriptors) did
         not fit the receive buffer (MSG_CTRUNC); the kernel closed the rest."""
-        return self._ctrunc
+        self._lock()
+        value = self._ctrunc
+        self._unlock()
+        return value
 
-    def drain(self, sock, double now, int budget, double max_age=0.0,
-              double wall=0.0):
-        """Read up to ``budget`` waiting datagrams and apply their heartbeats."""
-        cdef int fd = sock if type(sock) is int else sock.fileno()
-        cdef int64_t datagrams = 0, heartbeats = 0, unknown = 0, malformed = 0
-        cdef int64_t stale = 0
-        cdef int n, i, want
+    cdef void _apply(self, RecvBuf *b, int n, double now, double max_age,
+                     double wall, int64_t *counts) noexcept nogil:
+        # Parse and apply n datagrams read into b, adding them to counts (the
+        # fields of DrainCounts after datagrams, then the heartbeats that
+        # could not be re-filed for lack of memory).  Three passes over the
+        # batch, so the cache misses of one datagram's hash entry and slot
+        # overlap with the others' work.
+        cdef int i
         cdef int32_t pid, slot
         cdef int32_t pids[BATCH]
         cdef int32_t found[BATCH]
         cdef unsigned int length
         cdef double ts
-        while datagrams < budget:
-            want = BATCH if budget - datagrams > BATCH else <int>(budget - datagrams)
-            n = self._recv(fd, want)
-            # Three passes over the batch, so the cache misses of one
-            # datagram's hash entry and slot overlap with the others' work.
-            for i in range(n):
-                length = self._msgs[i].msg_len
-                if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
-                    pid = 0
-                else:
-                    pid = _parse(self._rbuf + i * RECV_SIZE, length)
-                if pid == 0:
-                    malformed += 1
-                elif max_age > 0 and not (
-                    _timestamp(self._rbuf + i * RECV_SIZE, length, &ts)
-                    and wall - max_age <= ts <= wall + max_age
-                ):
-                    stale += 1
-                    pid = 0
-                else:
-                    __builtin_prefetch(&self._entries[_hash(pid, self._bits)])
-                pids[i] = pid
-            for i in range(n):
-                if pids[i]:
-                    slot = self._find(pids[i])
-                    found[i] = slot
-                    if slot != NONE:
-                        __builtin_prefetch(&self._slots[slot])
-            for i in range(n):
-                if not pids[i]:
-                    continue
-                if found[i] == NONE:
-                    unknown += 1
-                else:
-                    heartbeats += 1
-                    self._refresh(found[i], now)
-            datagrams += n
-            if n < want:
-                break
-        return DrainCounts(datagrams, heartbeats, unknown, malformed, stale)
+        for i in range(n):
+            length = b.msgs[i].msg_len
+            if b.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                pid = 0
+            else:
+                pid = _parse(b.data + i * RECV_SIZE, length)
+            if pid == 0:
+                counts[MALFORMED] += 1
+            elif max_age > 0 and not (
+                _timestamp(b.data + i * RECV_SIZE, length, &ts)
+                and wall - max_age <= ts <= wall + max_age
+            ):
+                counts[STALE] += 1
+                pid = 0
+            else:
+                __builtin_prefetch(&self._entries[_hash(pid, self._bits)])
+            pids[i] = pid
+        for i in range(n):
+            if pids[i]:
+                slot = self._find(pids[i])
+                found[i] = slot
+                if slot != NONE:
+                    __builtin_prefetch(&self._slots[slot])
+        for i in range(n):
+            if not pids[i]:
+                continue
+            if found[i] == NONE:
+                counts[UNKNOWN] += 1
+            else:
+                counts[HEARTBEATS] += 1
+                if self._refresh(found[i], now) < 0:
+                    counts[UNFILED] += 1
+
+    def drain(self, sock, double now, int budget, double max_age=0.0,
+              double wall=0.0):
+        """Read up to ``budget`` waiting datagrams and apply their heartbeats."""
+        cdef int fd = sock if type(sock) is int else sock.fileno()
+        cdef int64_t datagrams = 0
+        cdef int64_t counts[5]
+        cdef int n, want
+        memset(counts, 0, sizeof(counts))
+        self._lock()
+        try:
+            while datagrams < budget:
+                want = <int>min(BATCH, budget - datagrams)
+                n = self._recv(fd, want)
+                self._apply(&self._buf, n, now, max_age, wall, counts)
+                datagrams += n
+                if n < want:
+                    break
+        finally:
+            self._unlock()
+        if counts[UNFILED]:
+            raise MemoryError()
+        return DrainCounts(datagrams, counts[HEARTBEATS], counts[UNKNOWN],
+                           counts[MALFORMED], counts[STALE])
 
     def drain_notify(self, sock, double now, int budget, resolve=None):
         """Read up to ``budget`` sd_notify datagrams from a Unix socket with
@@ -822,40 +1038,45 @@ cdef class HeartbeatTable:
         cdef int64_t datagrams = 0, heartbeats = 0, unknown = 0, malformed = 0
         cdef int n, i, want, kind
         cdef int32_t pid, slot
-        while datagrams < budget:
-            want = BATCH if budget - datagrams > BATCH else <int>(budget - datagrams)
-            # The batch's descriptors stay open until it is read: a
-            # systemd-notify waits on its BARRIER=1 pipe, so it is still
-            # there for resolve to find its parent.
-            n = self._recv(fd, want, True)
-            try:
-                for i in range(n):
-                    pid = self._sender[i]
-                    if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC or pid <= 0:
-                        malformed += 1
-                        continue
-                    kind = _notify_kind(
-                        self._rbuf + i * RECV_SIZE, self._msgs[i].msg_len
-                    )
-                    if kind < 0:
-                        malformed += 1
-                        continue
-                    if kind == 0:
-                        continue  # READY=1, STATUS=...: valid, not a heartbeat
-                    slot = self._find(pid)
-                    if slot == NONE and resolve is not None:
-                        slot = self._slot_of_resolved(resolve(pid))
-                    if slot == NONE:
-                        unknown += 1
-                        continue
-                    heartbeats += 1
-                    self._refresh(slot, now)
-            finally:
-                self._close_passed(n)
-            datagrams += n
-            if n < want:
-                break
-        return DrainCounts(datagrams, heartbeats, unknown, malformed)
+        self._lock()
+        try:
+            while datagrams < budget:
+                want = <int>min(BATCH, budget - datagrams)
+                # The batch's descriptors stay open until it is read: a
+                # systemd-notify waits on its BARRIER=1 pipe, so it is still
+                # there for resolve to find its parent.
+                n = self._recv(fd, want, True)
+                try:
+                    for i in range(n):
+                        pid = self._sender[i]
+                        if self._buf.msgs[i].msg_hdr.msg_flags & MSG_TRUNC or pid <= 0:
+                            malformed += 1
+                            continue
+                        kind = _notify_kind(
+                            self._buf.data + i * RECV_SIZE, self._buf.msgs[i].msg_len
+                        )
+                        if kind < 0:
+                            malformed += 1
+                            continue
+                        if kind == 0:
+                            continue  # READY=1, STATUS=...: valid, not a heartbeat
+                        slot = self._find(pid)
+                        if slot == NONE and resolve is not None:
+                            slot = self._slot_of_resolved(resolve(pid))
+                        if slot == NONE:
+                            unknown += 1
+                            continue
+                        heartbeats += 1
+                        if self._refresh(slot, now) < 0:
+                            raise MemoryError()
+                finally:
+                    self._close_passed(n)
+                datagrams += n
+                if n < want:
+                    break
+            return DrainCounts(datagrams, heartbeats, unknown, malformed)
+        finally:
+            self._unlock()
 
     cdef int32_t _slot_of_resolved(self, parent) except -2:
         # resolve's answer: a pid of the table, or anything else for none.
@@ -870,17 +1091,181 @@ cdef class HeartbeatTable:
         cdef list payloads = []
         cdef int oversized = 0
         cdef unsigned int length
-        while got < budget:
-            want = BATCH if budget - got > BATCH else budget - got
-            n = self._recv(fd, want)
-            for i in range(n):
-                length = self._msgs[i].msg_len
-                if self._msgs[i].msg_hdr.msg_flags & MSG_TRUNC or length > MAX_DATAGRAM:
-                    oversized += 1
-                else:
-                    payloads.append(PyBytes_FromStringAndSize(
-                        <char *>self._rbuf + i * RECV_SIZE, length))
+        self._lock()
+        try:
+            while got < budget:
+                want = min(BATCH, budget - got)
+                n = self._recv(fd, want)
+                for i in range(n):
+                    length = self._buf.msgs[i].msg_len
+                    if (self._buf.msgs[i].msg_hdr.msg_flags & MSG_TRUNC
+                            or length > MAX_DATAGRAM):
+                        oversized += 1
+                    else:
+                        payloads.append(PyBytes_FromStringAndSize(
+                            <char *>self._buf.data + i * RECV_SIZE, length))
+                got += n
+                if n < want:
+                    break
+            return payloads, oversized
+        finally:
+            self._unlock()
+
+    # -- the reader thread ----------------------------------------------------
+
+    def start_reader(self, sock, *, budget, flood_delay, max_age=0.0):
+        """Start the one thread that reads ``sock`` (a bound UDP socket or its
+        descriptor, made blocking: the thread is its only reader) and applies
+        its heartbeats; RuntimeError if already reading.  The caller keeps the
+        socket open until ``stop_reader`` returns."""
+        cdef int fd = sock if type(sock) is int else sock.fileno()
+        cdef int rc
+        budget, flood_delay, max_age = _check_reader_args(budget, flood_delay, max_age)
+        self._lock()
+        try:
+            if self._reading:
+                raise RuntimeError("the table is already reading a socket")
+            os.set_blocking(fd, True)
+            if _recvbuf_alloc(&self._tbuf) < 0:
+                raise MemoryError()
+            self._rfd = fd
+            self._rbudget = budget
+            self._flood_delay = flood_delay
+            self._max_age = max_age
+            self._stopping = False
+            Py_INCREF(self)  # the thread's reference, dropped by stop_reader
+            rc = pthread_create(&self._thread, NULL, _reader_main, <void *>self)
+            if rc != 0:
+                Py_DECREF(self)
+                _recvbuf_free(&self._tbuf)
+                raise OSError(rc, os.strerror(rc))
+            self._reading = True
+        finally:
+            self._unlock()
+
+    def stop_reader(self):
+        """Stop the reader thread and return once it has ended (idempotent).
+        The socket is shut down for reading: it cannot be read again."""
+        self._lock()
+        try:
+            if not self._reading or self._stopping:
+                return
+            self._stopping = True
+        finally:
+            self._unlock()
+        self._stop()
+        Py_DECREF(self)  # the thread's reference: the caller still holds one
+
+    cdef void _stop(self) noexcept:
+        # Wake the thread's read (on Linux, shutdown(SHUT_RD) makes a blocked
+        # and any later read of a UDP socket return at once, though it
+        # reports ENOTCONN) and wait for it to end.
+        self._lock()
+        self._stopping = True
+        self._unlock()
+        shutdown(self._rfd, SHUT_RD)
+        with nogil:
+            pthread_join(self._thread, NULL)
+        self._lock()
+        self._reading = False
+        self._stopping = False
+        _recvbuf_free(&self._tbuf)
+        self._unlock()
+
+    def reader_counts(self):
+        """What the reader thread read since the last call (then zeroed)."""
+        self._lock()
+        try:
+            counts = DrainCounts(
+                self._rdatagrams, self._rcounts[HEARTBEATS], self._rcounts[UNKNOWN],
+                self._rcounts[MALFORMED], self._rcounts[STALE])
+            self._rdatagrams = 0
+            memset(self._rcounts, 0, sizeof(self._rcounts))
+            return counts
+        finally:
+            self._unlock()
+
+    @property
+    def reader_wakeups(self):
+        """Reads the reader thread made so far (monotonic)."""
+        self._lock()
+        value = self._wakeups
+        self._unlock()
+        return value
+
+    @property
+    def reader_errors(self):
+        """Read errors the reader thread met so far (each followed by a pause),
+        and heartbeats it could not re-file for lack of memory."""
+        self._lock()
+        value = self._rerrors + self._rcounts[UNFILED]
+        self._unlock()
+        return value
+
+    @property
+    def reading(self):
+        """Whether a reader thread is running (until stop_reader returns)."""
+        self._lock()
+        value = self._reading
+        self._unlock()
+        return value
+
+    cdef void _read_loop(self) noexcept nogil:
+        # The thread: one pass per wake-up, until stop_reader shuts the socket.
+        # The sleep after a read: as _core_py._Flood, from the average time
+        # per datagram over the last reads.
+        cdef int got
+        cdef double now, last = _clock(CLOCK_MONOTONIC), gap = self._flood_delay
+        cdef double pause, longest = max(self._flood_delay, LONGEST)
+        while True:
+            got = self._read_pass()
+            if got < 0:
+                return
+            if got > 0:
+                now = _clock(CLOCK_MONOTONIC)
+                gap += ((now - last) / got - gap) * FLOOD_WEIGHT
+                last = now
+            if (
+                got < self._rbudget  # else more is queued: read it at once
+                and self._flood_delay > 0
+                and gap * FLOOD_PASS <= self._flood_delay
+            ):
+                pause = min(max(gap * FLOOD_AIM, self._flood_delay), longest)
+                _sleep(pause)
+
+    cdef int _read_pass(self) noexcept nogil:
+        # Block for a datagram, then read what is queued up to the budget,
+        # applying each batch under the mutex.  The datagrams read, or -1 once
+        # stopping.
+        cdef int n, want, got = 0, flags = MSG_WAITFORONE
+        cdef int err
+        cdef double now, wall = 0.0
+        while got < self._rbudget:
+            want = min(BATCH, self._rbudget - got)
+            n = _recvmmsg(&self._tbuf, self._rfd, want, flags)
+            err = errno
+            now = _clock(CLOCK_MONOTONIC)
+            if self._max_age > 0:
+                wall = _clock(CLOCK_REALTIME)
+            pthread_mutex_lock(&self._mutex)
+            if self._stopping:
+                pthread_mutex_unlock(&self._mutex)
+                return -1
+            if flags == MSG_WAITFORONE:
+                self._wakeups += 1
+            if n > 0:
+                self._note_drops(self._tbuf.msgs, n)
+                self._apply(&self._tbuf, n, now, self._max_age, wall, self._rcounts)
+                self._rdatagrams += n
+            elif n < 0 and err != EAGAIN:
+                self._rerrors += 1
+            pthread_mutex_unlock(&self._mutex)
+            if n < 0:
+                if err != EAGAIN:
+                    _sleep(ERROR_SLEEP)
+                break
             got += n
+            flags = MSG_DONTWAIT
             if n < want:
                 break
-        return payloads, oversized
+        return got

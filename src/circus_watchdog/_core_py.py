@@ -10,6 +10,16 @@ the slot stays in the bucket it was filed in.  When that bucket comes due, the
 slot is checked against its real deadline and either expires or is re-filed in
 the bucket of its new deadline.  So a tick costs the slots filed in it, not the
 table size, and a beat never touches the wheel.
+
+The reader thread (``start_reader``) reads one UDP socket of heartbeats in the
+default format, so that no Python runs on the event loop per wake-up (the
+compiled twin's thread never takes the GIL).  It blocks until a datagram is
+queued, reads what is queued (up to ``budget``), applies it under the table's
+lock, and counts it for ``reader_counts``.  Sparse traffic is read on
+arrival; a flood (FLOOD_BATCH below) is drained, then slept on, for as long
+as FLOOD_READ datagrams take to come, between ``flood_delay`` and
+LONGEST_WAIT.  One lock guards the table: every public method takes it, and
+the thread holds it only to apply a batch it has already read.
 """
 
 from __future__ import annotations
@@ -19,12 +29,16 @@ import collections
 import math
 import os
 import re
+import select
 import socket
 import struct
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from functools import update_wrapper
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from .pids import PID_MAX
 from .sockets import SCM_CREDENTIALS, SO_RXQ_OVFL
@@ -43,6 +57,39 @@ _CONTROL_SIZE = (
 )
 # Linux: close-on-exec on every received descriptor, so none leaks into a child.
 _RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: Traffic that brings, on average over the reader's last reads, at least
+#: FLOOD_BATCH datagrams per ``flood_delay`` is a flood: the thread sleeps
+#: after each read (drain, then sleep) for as long as FLOOD_READ datagrams
+#: take to come at that average, at least ``flood_delay`` and at most
+#: LONGEST_WAIT (or ``flood_delay`` if longer), so a read finds a batch and a
+#: heartbeat reaches the table within 5 ms of its arrival.  Sparser traffic
+#: is read on arrival: there a wake-up by a local sender costs less than a
+#: timer's (see receiver.py).
+FLOOD_BATCH = 4
+FLOOD_READ = 16
+LONGEST_WAIT = 0.004
+#: Weight 1/FLOOD_SMOOTHING of the newest read in that average, so that two
+#: datagrams that happen to come close together do not make a flood.
+FLOOD_SMOOTHING = 8
+#: Seconds the reader thread pauses after a read error before reading again.
+ERROR_PAUSE = 0.05
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[Any, _P], _R],
+) -> Callable[Concatenate[Any, _P], _R]:
+    # Every public method of the table holds its lock (the reader thread's
+    # too): re-entrant, since drain on a descriptor calls drain on a socket
+    # and drain_notify's resolve may ask the table.
+    def locked(self: Any, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    update_wrapper(locked, method)
+    return locked
 
 
 class DrainCounts(NamedTuple):
@@ -164,6 +211,18 @@ def _wheel_size(timeout: float, tick: float) -> int:
     return 1 << max(need - 1, 1).bit_length()
 
 
+def _check_reader_args(
+    budget: int, flood_delay: float, max_age: float
+) -> tuple[int, float, float]:
+    if type(budget) is not int or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    if not (math.isfinite(flood_delay) and flood_delay >= 0):
+        raise ValueError(f"flood_delay must be >= 0 seconds, got {flood_delay!r}")
+    if not (math.isfinite(max_age) and max_age >= 0):
+        raise ValueError(f"max_age must be >= 0 seconds, got {max_age!r}")
+    return budget, float(flood_delay), float(max_age)
+
+
 def _check_pid(pid: int) -> int:
     if not 1 <= pid <= PID_MAX:
         raise ValueError(f"pid must be in 1..{PID_MAX}, got {pid!r}")
@@ -195,36 +254,49 @@ class HeartbeatTable:
         self._drops = 0
         self._ctrunc = 0
         self._sender = 0
+        self._lock = threading.RLock()
+        self._reader: _Reader | None = None
+        self._read = [0, 0, 0, 0, 0]  # the reader's DrainCounts, not yet taken
+        self._wakeups = 0
+        self._errors = 0
 
     @property
+    @_locked
     def timeout(self) -> float:
         """Seconds of silence after which a pid expires."""
         return self._timeout
 
     @property
+    @_locked
     def tick(self) -> float:
         """Granularity of the timing wheel, in seconds."""
         return self._tick
 
+    @_locked
     def __len__(self) -> int:
         return len(self._index)
 
+    @_locked
     def __contains__(self, pid: object) -> bool:
         return pid in self._index
 
+    @_locked
     def pids(self) -> list[int]:
         """The monitored pids, in no particular order."""
         return list(self._index)
 
+    @_locked
     def watcher_counts(self) -> dict[str, int]:
         """How many pids each watcher has in the table (watchers with none left out)."""
         counts = collections.Counter(self._wid[slot] for slot in self._index.values())
         return {self._watchers[wid]: n for wid, n in sorted(counts.items())}
 
+    @_locked
     def watcher_of(self, pid: int) -> str:
         """Name of the watcher that owns ``pid``; KeyError if not monitored."""
         return self._watchers[self._wid[self._index[pid]]]
 
+    @_locked
     def last_seen(self, pid: int) -> float:
         """Time of the last heartbeat (or add) of ``pid``; KeyError if unknown."""
         return self._last[self._index[pid]]
@@ -265,15 +337,18 @@ class HeartbeatTable:
             self._wlimit.append(self._timeout)
         return wid
 
+    @_locked
     def set_watcher_timeout(self, watcher: str, timeout: float) -> None:
         """Give ``watcher``'s pids their own timeout, from their next beat on."""
         self._wlimit[self._intern(watcher)] = _check_seconds("timeout", timeout)
 
+    @_locked
     def watcher_timeout(self, watcher: str) -> float:
         """The timeout of ``watcher``'s pids."""
         wid = self._watcher_ids.get(watcher)
         return self._timeout if wid is None else self._wlimit[wid]
 
+    @_locked
     def add(
         self, pid: int, watcher: str, now: float, grace: float | None = None
     ) -> None:
@@ -300,6 +375,7 @@ class HeartbeatTable:
         self._limit[slot] = limit
         self._file(slot, now + limit)
 
+    @_locked
     def remove(self, pid: int) -> bool:
         """Stop monitoring ``pid``; False if it was not monitored."""
         slot = self._index.pop(pid, None)
@@ -309,6 +385,7 @@ class HeartbeatTable:
         self._free.append(slot)
         return True
 
+    @_locked
     def beat(self, pid: int, now: float) -> bool:
         """Record a heartbeat; False (and nothing created) for an unknown pid."""
         slot = self._index.get(pid)
@@ -328,6 +405,7 @@ class HeartbeatTable:
             self._unlink(slot)
             self._file(slot, self._last[slot] + limit)
 
+    @_locked
     def expire(self, now: float) -> list[tuple[int, str]]:
         """Remove and return ``(pid, watcher)`` of every pid silent for longer
         than ``timeout`` at ``now``.
@@ -362,12 +440,14 @@ class HeartbeatTable:
     # -- sockets -----------------------------------------------------------
 
     @property
+    @_locked
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped on the drained socket, as of the last
         datagram read (needs SO_RXQ_OVFL set on the socket; 0 otherwise)."""
         return self._drops
 
     @property
+    @_locked
     def control_truncated(self) -> int:
         """Datagrams whose control data (credentials, passed descriptors) did
         not fit the receive buffer (MSG_CTRUNC); the kernel closed the rest."""
@@ -400,6 +480,7 @@ class HeartbeatTable:
                 _close_passed(data)
         return MAX_DATAGRAM + 1 if flags & socket.MSG_TRUNC else n
 
+    @_locked
     def drain_notify(
         self,
         sock: socket.socket | int,
@@ -445,6 +526,7 @@ class HeartbeatTable:
             self._refresh(slot, now)
         return DrainCounts(datagrams, heartbeats, unknown, malformed)
 
+    @_locked
     def drain(
         self,
         sock: socket.socket | int,
@@ -491,6 +573,7 @@ class HeartbeatTable:
             self._refresh(slot, now)
         return DrainCounts(datagrams, heartbeats, unknown, malformed, stale)
 
+    @_locked
     def drain_raw(
         self, sock: socket.socket | int, budget: int
     ) -> tuple[list[bytes], int]:
@@ -514,6 +597,143 @@ class HeartbeatTable:
             else:
                 payloads.append(bytes(buf[:n]))
         return payloads, oversized
+
+    # -- the reader thread -------------------------------------------------
+
+    @_locked
+    def start_reader(
+        self,
+        sock: socket.socket | int,
+        *,
+        budget: int,
+        flood_delay: float,
+        max_age: float = 0.0,
+    ) -> None:
+        """Start the one thread that reads ``sock`` (a bound UDP socket or its
+        descriptor, made blocking: the thread is its only reader) and applies
+        its heartbeats; RuntimeError if already reading.  The caller keeps the
+        socket open until ``stop_reader`` returns."""
+        budget, flood_delay, max_age = _check_reader_args(budget, flood_delay, max_age)
+        if self._reader is not None:
+            raise RuntimeError("the table is already reading a socket")
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        os.set_blocking(fd, True)
+        wake_r, wake_w = os.pipe()
+        reader = _Reader(fd, wake_r, wake_w)
+        reader.thread = threading.Thread(
+            target=self._read_loop,
+            args=(reader, budget, flood_delay, max_age),
+            name="circus-watchdog-reader",
+            daemon=True,
+        )
+        self._reader = reader
+        reader.thread.start()
+
+    def stop_reader(self) -> None:
+        """Stop the reader thread and return once it has ended (idempotent)."""
+        with self._lock:
+            reader = self._reader
+            if reader is None:
+                return
+            if not reader.stopping:
+                reader.stopping = True
+                os.write(reader.wake_w, b"x")
+        reader.thread.join()  # without the lock: the thread may wait for it
+        with self._lock:
+            if self._reader is reader:
+                self._reader = None
+                os.close(reader.wake_r)
+                os.close(reader.wake_w)
+
+    @_locked
+    def reader_counts(self) -> DrainCounts:
+        """What the reader thread read since the last call (then zeroed)."""
+        counts = DrainCounts(*self._read)
+        self._read = [0, 0, 0, 0, 0]
+        return counts
+
+    @property
+    @_locked
+    def reader_wakeups(self) -> int:
+        """Reads the reader thread made so far (monotonic)."""
+        return self._wakeups
+
+    @property
+    @_locked
+    def reader_errors(self) -> int:
+        """Read errors the reader thread met so far (each followed by a pause)."""
+        return self._errors
+
+    @property
+    @_locked
+    def reading(self) -> bool:
+        """Whether a reader thread is running (until stop_reader returns)."""
+        return self._reader is not None
+
+    def _read_loop(
+        self, reader: _Reader, budget: int, flood_delay: float, max_age: float
+    ) -> None:
+        poller = select.poll()
+        poller.register(reader.fd, select.POLLIN)
+        poller.register(reader.wake_r, select.POLLIN)
+        flood = _Flood(flood_delay)
+        with _borrowed(reader.fd) as sock:
+            while not reader.stopping:
+                poller.poll()
+                if reader.stopping:
+                    break
+                datagrams = self._read_pass(sock, budget, max_age)
+                pause = flood.after(datagrams, time.monotonic())
+                if datagrams < 0:
+                    time.sleep(ERROR_PAUSE)
+                elif pause and datagrams < budget:  # else read the rest at once
+                    time.sleep(pause)
+
+    @_locked
+    def _read_pass(self, sock: socket.socket, budget: int, max_age: float) -> int:
+        # One read of the thread: the datagrams it read, or -1 on an error.
+        self._wakeups += 1
+        wall = time.time() if max_age > 0 else 0.0
+        try:
+            counts = self.drain(sock, time.monotonic(), budget, max_age, wall)
+        except (OSError, MemoryError):
+            self._errors += 1
+            return -1
+        self._read = [a + b for a, b in zip(self._read, counts, strict=True)]
+        return counts.datagrams
+
+
+class _Flood:
+    """How long the reader thread sleeps after a read (FLOOD_BATCH): the
+    average time per datagram over its last reads, against ``flood_delay``."""
+
+    def __init__(self, flood_delay: float) -> None:
+        self._delay = flood_delay
+        self._longest = max(flood_delay, LONGEST_WAIT)
+        self._last = time.monotonic()
+        self._gap = flood_delay  # seconds per datagram: sparse until shown otherwise
+
+    def after(self, datagrams: int, now: float) -> float:
+        """Note a read of ``datagrams`` at ``now``; the seconds to sleep (0:
+        not a flood, read on arrival)."""
+        if datagrams > 0:
+            gap = (now - self._last) / datagrams
+            self._gap += (gap - self._gap) / FLOOD_SMOOTHING
+            self._last = now
+        if self._delay <= 0 or self._gap * FLOOD_BATCH > self._delay:
+            return 0.0
+        return min(max(self._gap * FLOOD_READ, self._delay), self._longest)
+
+
+class _Reader:
+    """The reader thread's state: its socket, and its wake pipe."""
+
+    def __init__(self, fd: int, wake_r: int, wake_w: int) -> None:
+        self.fd = fd
+        self.wake_r = wake_r
+        self.wake_w = wake_w
+        self.stopping = False
+        self.thread: threading.Thread
 
 
 def _close_passed(data: bytes) -> None:

@@ -1,5 +1,6 @@
 # cython: language_level=3
-# Declarations of the Linux batch socket calls, recvmmsg(2) and sendmmsg(2).
+# Declarations of the Linux batch socket calls, recvmmsg(2) and sendmmsg(2),
+# shutdown(2), and the POSIX threads calls of the core's reader thread.
 # pyconfig.h defines _GNU_SOURCE, which <sys/socket.h> needs for both.
 
 cdef extern from "<sys/types.h>":
@@ -40,10 +41,13 @@ cdef extern from "<sys/socket.h>" nogil:
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags,
                  timespec *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int shutdown(int fd, int how)
     enum:
         AF_INET
         AF_INET6
+        SHUT_RD
         MSG_DONTWAIT
+        MSG_WAITFORONE
         MSG_TRUNC
         MSG_CTRUNC
         MSG_CMSG_CLOEXEC
@@ -73,3 +77,23 @@ cdef extern from "<netinet/in.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    enum:
+        PTHREAD_MUTEX_RECURSIVE
+    int pthread_create(pthread_t *thread, const void *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    int pthread_mutexattr_destroy(pthread_mutexattr_t *attr)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_trylock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)

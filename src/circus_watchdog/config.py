@@ -301,7 +301,8 @@ class Config:
     budget: int = _opt(
         "4096",
         _COUNT,
-        "maximum number of datagrams read per event-loop wake-up",
+        "maximum number of datagrams read in one pass (one take of the table's "
+        "lock, one event-loop wake-up)",
         metavar="N",
     )
     rcvbuf: int = _opt(
@@ -313,8 +314,8 @@ class Config:
     batch_delay: float = _opt(
         "0.001",
         v.number("a number of seconds from 0 to 0.005", lambda x: 0 <= x <= 0.005),
-        "seconds the receiver waits between drains while a flood keeps the socket "
-        "busy; 0 = read on every wake-up",
+        "shortest wait in seconds between drains while a flood keeps the socket "
+        "busy (up to 4 ms, by the traffic); 0 = read on every arrival",
         metavar="SECONDS",
     )
 

@@ -217,6 +217,7 @@ class Watchdog:
 
     def tick(self, now: float, *, late: bool = False) -> None:
         """Expire the silent pids and act on the policy's decision."""
+        self.receiver.collect()
         drops = self.table.kernel_drops - self._drops_at_tick
         self._drops_at_tick += drops
         if not self.sync.connected:
@@ -297,7 +298,9 @@ class Watchdog:
     # -- reporting -----------------------------------------------------------
 
     def readings(self) -> Readings:
-        """The gauges that other parts own, read at scrape time."""
+        """The gauges that other parts own, read at scrape time (the reader
+        thread's counts are collected first, so counters are current)."""
+        self.receiver.collect()
         return Readings(
             monitored_pids=len(self.table),
             connected=self.sync.connected,

@@ -82,9 +82,9 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
       (default: ``127.0.0.1``)
     - **tick** -- seconds between deadline checks
       (default: min(loop_rate / 10, 1))
-    - **budget** -- datagrams read per wake-up (default: ``4096``)
+    - **budget** -- datagrams read in one pass (default: ``4096``)
     - **rcvbuf** -- UDP receive buffer in bytes (default: ``8M``)
-    - **batch_delay** -- seconds between drains under a flood
+    - **batch_delay** -- shortest wait between drains under a flood
       (default: ``0.001``)
     """
 

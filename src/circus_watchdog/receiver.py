@@ -1,28 +1,30 @@
 """Reading the heartbeat sockets (bound by ``sockets``): when, and into the table.
 
-A wake-up costs more than the datagrams it reads when they come a few at a
-time (epoll, a loop callback, a Python call, the counters), so each socket is
-read by a `Coalescer`, on one of two schedules:
+Two paths, chosen by what a datagram needs to be understood:
 
-- readability (``add_reader``) while traffic is sparse: a quiet fleet costs no
-  timer and a lone heartbeat is read at once;
-- a timer once readability wake-ups keep coming closer together than
-  ``SPARSE_DELAY`` (``TO_TIMER`` in a row): then the timer wakes less often
-  than the datagrams would.  Its interval adapts to what the reads find: it
-  starts at ``SPARSE_DELAY`` (4 ms), halves (down to ``batch_delay``, 1 ms by
-  default) while reads find more than ``SHRINK_ABOVE`` datagrams and doubles
-  back (up to ``SPARSE_DELAY``) while they find fewer than ``GROW_BELOW``.  So
-  a fleet's 1,000-20,000 heartbeats/s cost 250-500 wake-ups a second instead
-  of one per datagram or per millisecond, and a flood (over about 32,000/s)
-  is read every ``batch_delay``, as the C drain-then-sleep floor reads.  A
-  read that hit ``budget`` reads again at once; after ``TO_READABILITY``
-  empty reads in a row the traffic is gone and the reader goes back to
-  readability.
-
-A heartbeat waits at most the interval, never over ``SPARSE_DELAY`` (or
-``batch_delay`` if larger), before it reaches the table: within 5 ms of its
-arrival, the 1 ms left over being for the loop's other work.
-``batch_delay = 0`` reads on every wake-up.
+- **UDP heartbeats in the default format** are read by the core's reader
+  thread (``HeartbeatTable.start_reader``, described in ``_core_py``'s
+  docstring): no Python runs per wake-up and an idle fleet costs nothing.
+  Sparse traffic is read on arrival, because a wake-up caused by a local
+  sender is cheap (the kernel runs the reader where the sender just ran)
+  where a timer wake-up from idle is not; a flood is drained, then slept on
+  (``batch_delay`` up to 4 ms, by the traffic), as the C drain-then-sleep
+  floor does.  A heartbeat reaches the table within 5 ms of its arrival.
+  The thread's counts reach the metrics when `Receiver.collect` runs: at
+  every tick and every scrape.
+- **A custom ``msg_regex``** (the pattern is Python's) **and the sd_notify Unix
+  socket** (``notify_access = all`` asks Python to find a sender's ancestor)
+  are read on the event loop by a `Coalescer`: on readability while traffic
+  is sparse (a quiet fleet costs no timer, a lone heartbeat is read at once),
+  and on a timer once readability wake-ups keep coming closer together than
+  ``SPARSE_DELAY`` (``TO_TIMER`` in a row).  The timer's interval starts at
+  ``SPARSE_DELAY`` (4 ms), halves (down to ``batch_delay``) while reads find
+  more than ``SHRINK_ABOVE`` datagrams and doubles back (up to
+  ``SPARSE_DELAY``) while they find fewer than ``GROW_BELOW``.  A read that
+  hit ``budget`` reads again at once; after ``TO_READABILITY`` empty reads in
+  a row the reader goes back to readability.  A heartbeat waits at most
+  ``SPARSE_DELAY`` (or ``batch_delay`` if larger): within 5 ms of its
+  arrival.  ``batch_delay = 0`` reads on every wake-up.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import time
 from collections.abc import Callable
 
 from ._core import DrainCounts, HeartbeatTable
+from ._core_py import LONGEST_WAIT
 from .ancestry import monitored_ancestor
 from .config import Config
 from .formats import apply_regex
@@ -56,9 +59,10 @@ logger = logging.getLogger("circus.watchdog")
 #: it back.  Both want a trend, not one close pair or one quiet interval.
 TO_TIMER = 3
 TO_READABILITY = 3
-#: The timer's longest interval (seconds): a heartbeat reaches the table
-#: within 5 ms of its arrival, with 1 ms to spare for the loop's other work.
-SPARSE_DELAY = 0.004
+#: The timer's longest interval (seconds), the reader thread's longest sleep:
+#: a heartbeat reaches the table within 5 ms of its arrival, with 1 ms to
+#: spare for the loop's other work.
+SPARSE_DELAY = LONGEST_WAIT
 #: Datagrams per timer read under which the interval doubles (a wake-up costs
 #: about as much as 16 datagrams) and over which it halves.  The gap between
 #: them keeps a steady rate from flipping it at every read.
@@ -164,7 +168,8 @@ class Receiver:
         self._udp: socket.socket | None = None
         self._unix: socket.socket | None = None
         self._unix_bound = False  # we bound it (not inherited from circusd)
-        self._readers: list[Coalescer] = []
+        self._readers: list[Coalescer] = []  # event-loop readers
+        self._errors = 0  # the reader thread's read errors, as last logged
         # notify_access = all: a sender counts for its nearest monitored ancestor.
         self._resolve = (
             functools.partial(monitored_ancestor, is_monitored=table.__contains__)
@@ -191,8 +196,9 @@ class Receiver:
 
     @property
     def wakeups(self) -> int:
-        """Reads made so far, on every socket."""
-        return sum(reader.wakeups for reader in self._readers)
+        """Reads made so far, on every socket and by the reader thread."""
+        loop_reads = sum(reader.wakeups for reader in self._readers)
+        return loop_reads + self.table.reader_wakeups
 
     def open(self) -> None:
         """Bind the sockets; OSError (naming the option) if one cannot be."""
@@ -212,9 +218,19 @@ class Receiver:
                 raise
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start reading on ``loop``."""
-        udp_read = self._read_udp if self._pattern is None else self._read_regex
-        for sock, read in ((self._udp, udp_read), (self._unix, self._read_notify)):
+        """Start reading: the default format on the core's thread, the rest on
+        ``loop``."""
+        config = self.config
+        udp = self._udp
+        if udp is not None and self._pattern is None:
+            self.table.start_reader(
+                udp,
+                budget=config.budget,
+                flood_delay=config.batch_delay,
+                max_age=config.max_age or 0.0,
+            )
+            udp = None  # not the loop's
+        for sock, read in ((udp, self._read_regex), (self._unix, self._read_notify)):
             if sock is not None:
                 reader = Coalescer(
                     loop,
@@ -226,8 +242,22 @@ class Receiver:
                 reader.start()
                 self._readers.append(reader)
 
+    def collect(self) -> None:
+        """Move what the reader thread counted into the metrics (and tell sync
+        of unknown pids); log its read errors.  Cheap: a lock and six ints."""
+        self._count(self.table.reader_counts())
+        errors = self.table.reader_errors
+        if errors > self._errors:
+            logger.error(
+                "reading the heartbeat socket failed %d time(s) since the last tick",
+                errors - self._errors,
+            )
+            self._errors = errors
+
     def close(self) -> None:
         """Stop reading and close the sockets (unlinking our Unix socket)."""
+        self.table.stop_reader()  # before the socket closes under it
+        self.collect()
         for reader in self._readers:
             reader.stop()
         self._readers.clear()
@@ -239,22 +269,6 @@ class Receiver:
             os.unlink(path)
         self._udp = self._unix = None
         self._unix_bound = False
-
-    def _read_udp(self) -> int:
-        assert self._udp is not None
-        max_age = self.config.max_age
-        try:
-            counts = self.table.drain(
-                self._udp,
-                time.monotonic(),
-                self.config.budget,
-                max_age or 0.0,
-                time.time() if max_age else 0.0,  # wall clock only if checked
-            )
-        except OSError as exc:  # the socket, never a datagram's content
-            logger.error("reading the heartbeat socket failed: %s", exc)
-            return 0
-        return self._count(counts)
 
     def _read_regex(self) -> int:
         assert self._udp is not None and self._pattern is not None
