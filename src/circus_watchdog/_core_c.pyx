@@ -520,21 +520,16 @@ cdef class HeartbeatTable:
     cdef inline void _unlock(self) noexcept nogil:
         pthread_mutex_unlock(&self._mutex)
 
+    # timeout and tick are set once, in __init__: read without the lock.
     @property
     def timeout(self):
         """Seconds of silence after which a pid expires."""
-        self._lock()
-        value = self._timeout
-        self._unlock()
-        return value
+        return self._timeout
 
     @property
     def tick(self):
         """Granularity of the timing wheel, in seconds."""
-        self._lock()
-        value = self._tick
-        self._unlock()
-        return value
+        return self._tick
 
     def __len__(self):
         self._lock()
