@@ -69,7 +69,7 @@ class Tally:
 
 def stop_bounded(table: Any) -> None:
     """stop_reader, failing the test (not hanging it) if it does not return."""
-    stopper = threading.Thread(target=table.stop_reader)
+    stopper = threading.Thread(target=table.stop_reader, daemon=True)
     stopper.start()
     stopper.join(WAIT)
     assert not stopper.is_alive(), "stop_reader did not return"
@@ -162,7 +162,7 @@ def test_churn_while_a_sender_floods(core: ModuleType, pair: Pair) -> None:
             sent[0] += 50
             time.sleep(0.001)  # keep the queue inside the receive buffer
 
-    sender = threading.Thread(target=flood)
+    sender = threading.Thread(target=flood, daemon=True)
     sender.start()
     tally = Tally(table)
     try:

@@ -56,7 +56,8 @@ class EngineThread:
         self._ready = threading.Event()
         self.started_at = 0.0  # time.monotonic() when run() was called
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="watchdog")
+        # A daemon: a watchdog that failed to stop fails its test, not the run.
+        self._thread = threading.Thread(target=self._main, name="watchdog", daemon=True)
 
     def _main(self) -> None:
         try:
@@ -317,7 +318,7 @@ class Relay:
         self._core, self._address, self._pids = core, address, pids
         self._sending = threading.Event()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="relay")
+        self._thread = threading.Thread(target=self._main, name="relay", daemon=True)
 
     def _main(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

@@ -53,7 +53,7 @@ def paced(address: tuple[str, int], count: int = SENT) -> threading.Thread:
                 if i % 4 == 3:
                     time.sleep(0.0002)
 
-    return threading.Thread(target=send)
+    return threading.Thread(target=send, daemon=True)
 
 
 def counted(rx: Receiver) -> Metrics:
@@ -220,7 +220,7 @@ def test_custom_format_and_unix_socket_use_the_same_path(
                         udp.sendto(b"hb %d" % PID, address)
                         notify.sendto(b"WATCHDOG=1", str(path))
 
-        sender = threading.Thread(target=send)
+        sender = threading.Thread(target=send, daemon=True)
         sender.start()
         await until(lambda: rx.metrics.heartbeats == 600)
         sender.join()

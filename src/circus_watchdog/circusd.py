@@ -45,6 +45,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from .tasks import end
+
 __all__ = [
     "RESYNC_ACTIONS",
     "CallTimeout",
@@ -177,7 +179,7 @@ class CommandClient:
         """Stop the tasks and close the sockets."""
         tasks = self._tasks
         self._close_sockets()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await end(tasks)
         if self._own_context and not self._context.closed:
             self._context.term()
 

@@ -35,6 +35,7 @@ from .policy import KillPolicy
 from .receiver import Receiver
 from .registry import Registry
 from .sync import Sync
+from .tasks import end
 
 logger = logging.getLogger("circus.watchdog")
 
@@ -148,9 +149,7 @@ class Watchdog:
                 if task is not stopper:
                     task.result()  # a crashed task: raise it
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await end(tasks)
             await self.killer.close()
             if server is not None:
                 server.close()

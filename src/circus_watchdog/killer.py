@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .procfs import alive, parent_pid
 from .registry import Registry
 from .sync import Caller
+from .tasks import end
 from .values import split_tcp
 
 logger = logging.getLogger("circus.watchdog")
@@ -103,9 +104,7 @@ class Killer:
 
     async def close(self) -> None:
         """Cancel the kills under way."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await end(list(self._tasks))
 
     async def _kill(self, pid: int, watcher: str, why: Why, dry_run: bool) -> None:
         report = await self._diagnose(pid, watcher, why, dry_run)

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from . import engine, metrics, sockets
 from .config import Config
 from .engine import Watchdog
+from .tasks import end
 
 logger = logging.getLogger("circus.watchdog")
 
@@ -135,10 +136,7 @@ def run_on_best_loop(coro: Coroutine[Any, Any, None]) -> None:
         loop.run_until_complete(coro)
     finally:
         try:
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(end(asyncio.all_tasks(loop)))
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)
