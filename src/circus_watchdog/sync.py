@@ -9,12 +9,12 @@
 - A watcher-level event (``start``, ``stop``, ``add``, ``remove``, ``reload``,
   ``updated``) re-lists that watcher alone (``list name=W``): events that come
   within ``GATHER`` seconds are listed once, so circusd starting 50 watchers
-  answers about 50 small listings, not 50 full ones.  The watcher is listed
-  once more ``SETTLE`` seconds later: circusd registers a watcher that
-  ``reloadconfig`` re-created only after its ``start`` event, and a listing
-  taken before that finds no such watcher (its pids would then stay
-  unmonitored until the next re-sync).  So after any watcher operation the
-  monitored set is circusd's within a second.
+  answers about 50 small listings, not 50 full ones.  A listing that finds no
+  such watcher is taken once more ``SETTLE`` seconds later: circusd registers
+  a watcher that ``reloadconfig`` re-created only after its ``start`` event,
+  and a listing taken before that finds no such watcher (its pids would then
+  stay unmonitored until the next re-sync).  So after any watcher operation
+  the monitored set is circusd's within a second.
 - Heartbeats from pids that are not monitored (``unknown``) ask for a re-sync
   (the receiver calls `Sync.unknown_seen` when a read finds one: no polling),
   at most every ``UNKNOWN_RELIST`` seconds; while such re-syncs find nothing
@@ -184,8 +184,9 @@ class Sync:
         pids = reply.get("pids", [])
         return pids if isinstance(pids, list) else []
 
-    async def relist(self, watcher: str) -> None:
-        """List one watcher and apply it; CircusError if circusd fails."""
+    async def relist(self, watcher: str) -> bool:
+        """List one watcher and apply it: whether circusd knows it;
+        CircusError if circusd fails."""
         self.registry.begin_listing()
         try:
             pids = await self._pids(watcher)
@@ -194,6 +195,7 @@ class Sync:
             raise
         self.registry.apply_watcher(watcher, pids, self.clock())
         self.relists += 1
+        return pids is not None
 
     async def run_resyncs(self) -> None:
         """Re-sync at once, then on request, every resync_interval and for
@@ -237,14 +239,16 @@ class Sync:
             await self.resync()
         for watcher, entry in sorted(self._relists.items()):
             if entry[0] <= now:
-                await self.relist(watcher)
+                found = await self.relist(watcher)
                 if self._relists.get(watcher) == entry:  # no event meanwhile
-                    self._after_relist(watcher, entry)
+                    self._after_relist(watcher, entry, found)
 
-    def _after_relist(self, watcher: str, entry: tuple[float, bool]) -> None:
-        if entry[1]:  # the SETTLE listing: done
+    def _after_relist(
+        self, watcher: str, entry: tuple[float, bool], found: bool
+    ) -> None:
+        if found or entry[1]:  # listed, or the SETTLE listing: done
             del self._relists[watcher]
-        else:
+        else:  # not registered yet (re-created): once more, SETTLE s later
             self._relists[watcher] = (self._now() + SETTLE, True)
 
     def _failed(self, exc: CircusError) -> None:
