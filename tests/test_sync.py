@@ -183,6 +183,36 @@ def test_starting_50_watchers_costs_one_small_listing_each(core: ModuleType) -> 
     running(sync, scenario)
 
 
+def test_circusd_starting_listed_watchers_answers_no_more_listings(
+    core: ModuleType,
+) -> None:
+    # circusd loads its watchers, then starts them: the first re-sync found
+    # them empty, and their spawn events bring the pids.  Listing each one
+    # again on `start` would cost circusd a /proc read per process.
+    names = [f"w{i}" for i in range(50)]
+    sync, fake, _ = make(core, dict.fromkeys(names, []))
+
+    async def scenario() -> None:
+        fake.calls.clear()
+        for i, name in enumerate(names):
+            for pid in range(1000 + 10 * i, 1010 + 10 * i):
+                fake.watchers[name].append(pid)
+                sync.apply(Event(name, "spawn", {"process_pid": pid}))
+            sync.apply(Event(name, "start", {}))
+        assert await settled(sync, set(range(1000, 1500))) < 0.1
+        await asyncio.sleep(SETTLE + 0.2)
+        assert fake.calls == []
+        # A watcher the last listing did not find is listed on `start`.
+        del fake.watchers["w0"]
+        sync.apply(Event("w0", "stop", {}))
+        await settled(sync, set(range(1010, 1500)))
+        fake.watchers["w0"] = [2000]
+        sync.apply(Event("w0", "start", {}))
+        await settled(sync, {2000, *range(1010, 1500)})
+
+    running(sync, scenario)
+
+
 def test_a_watcher_that_reloadconfig_recreates_is_monitored_within_a_second(
     core: ModuleType,
 ) -> None:

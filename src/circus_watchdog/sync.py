@@ -8,8 +8,11 @@
 - Events (``spawn``, ``reap``, ``kill``) go to the registry as they come.
 - A watcher-level event (``start``, ``stop``, ``add``, ``remove``, ``reload``,
   ``updated``) re-lists that watcher alone (``list name=W``): events that come
-  within ``GATHER`` seconds are listed once, so circusd starting 50 watchers
-  answers about 50 small listings, not 50 full ones.  A listing that finds no
+  within ``GATHER`` seconds are listed once.  ``start`` does not, for a watcher
+  that the last listing of it found: its ``spawn`` events bring its pids.  So
+  circusd starting its watchers answers no listing beyond the first re-sync
+  (each listing costs circusd a ``/proc`` read per process: circus 0.19's
+  ``list`` asks every process its status).  A listing that finds no
   such watcher is taken once more ``SETTLE`` seconds later: circusd registers
   a watcher that ``reloadconfig`` re-created only after its ``start`` event,
   and a listing taken before that finds no such watcher (its pids would then
@@ -89,6 +92,7 @@ class Sync:
         self._warned_at: float | None = None  # last "does not answer" warning
         # watcher -> (when to list it, loop time; whether it is the SETTLE one)
         self._relists: dict[str, tuple[float, bool]] = {}
+        self._listed: set[str] = set()  # watchers their last listing found
         self._next_full = 0.0  # loop time of the next periodic re-sync
         self._unknown = False  # an unknown pid beat since the last re-sync
         self._unknown_gap = UNKNOWN_RELIST
@@ -141,6 +145,7 @@ class Sync:
             self.registry.abort_listing()
             raise
         learnt = self.registry.apply_listing(listing, self.clock(), fresh=fresh)
+        self._listed = set(listing)
         self._full = False
         if fresh:
             self._fresh = False
@@ -195,7 +200,11 @@ class Sync:
             raise
         self.registry.apply_watcher(watcher, pids, self.clock())
         self.relists += 1
-        return pids is not None
+        if pids is None:
+            self._listed.discard(watcher)
+            return False
+        self._listed.add(watcher)
+        return True
 
     async def run_resyncs(self) -> None:
         """Re-sync at once, then on request, every resync_interval and for
@@ -268,7 +277,8 @@ class Sync:
     def apply(self, event: Event) -> None:
         """Apply one circusd event."""
         if event.action in RESYNC_ACTIONS:
-            if self.registry.matches(event.watcher):
+            listed = event.action == "start" and event.watcher in self._listed
+            if self.registry.matches(event.watcher) and not listed:
                 self.request_relist(event.watcher)
         else:
             self.registry.apply_event(
