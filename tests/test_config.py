@@ -104,7 +104,7 @@ def test_defaults() -> None:
     )
     assert (cfg.log_level, cfg.log_output) == ("info", "-")
     assert (cfg.tick, cfg.budget, cfg.rcvbuf) == (1.0, 4096, 8 << 20)
-    assert (cfg.resync_interval, cfg.call_timeout) == (60.0, 5.0)
+    assert (cfg.resync_interval, cfg.call_timeout) == (300.0, 5.0)
     assert cfg.metrics_port is None
     assert (cfg.dry_run, cfg.storm_guard) == (False, True)
     assert (cfg.max_kill_fraction, cfg.storm_floor) == (0.5, 2)

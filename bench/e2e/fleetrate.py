@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from circus.client import CircusClient
 
 from harness import (
     fetch_status,
@@ -81,11 +82,13 @@ SPAWN_WATCHERS, SPAWN_PROCS = 50, 100
 SPAWN_LIMIT = 300.0  # seconds for circusd to start the spawn fleet
 SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
 REST = 10.0  # seconds of circusd at rest after the spawn
+LISTINGS = 3  # full listings timed after the rest, with no plugin
 PLUGINS = {
     "off": None,
     "circus-watchdog": "circus_watchdog.plugin.WatchDog",
     "circus-0.19": "circus.plugins.watchdog.WatchDog",
 }
+BASELINE = "previous build"  # the watchdog plugin from --baseline's tree
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -265,8 +268,29 @@ def _baseline(fl: Any, src: Path | None, log: Log) -> list[DaemonReceiver]:
     return [DaemonReceiver("baseline", daemon.proc, daemon.port)]
 
 
-def spawn_once(workdir: Path, plugin: str | None) -> dict[str, Any]:
-    """circusd starting the spawn fleet with ``plugin`` (None: no plugin)."""
+def _plugin(circusd: psutil.Process) -> psutil.Process | None:
+    # circusd's plugin process (circus runs it with ``-c ...plugins.main()``).
+    for kid in circusd.children():
+        with contextlib.suppress(psutil.Error):
+            if "plugins.main()" in " ".join(kid.cmdline()):
+                return kid
+    return None
+
+
+def _plugin_core(plugin: psutil.Process | None) -> str | None:
+    # The compiled core the plugin process mapped: which tree it runs.
+    with contextlib.suppress(psutil.Error):
+        if plugin is not None:
+            maps = plugin.memory_maps()
+            return next((m.path for m in maps if "_core_c" in m.path), None)
+    return None
+
+
+def spawn_once(
+    workdir: Path, plugin: str | None, src: Path | None = None
+) -> dict[str, Any]:
+    """circusd starting the spawn fleet with ``plugin`` (None: no plugin),
+    imported from the source tree ``src`` (None: this one)."""
     exe = build(workdir, (PAUSE,))[PAUSE]
     udp, metrics = free_ports(2)
     sections = "".join(
@@ -278,7 +302,15 @@ def spawn_once(workdir: Path, plugin: str | None) -> dict[str, Any]:
         if plugin.startswith("circus_watchdog"):
             sections += f"dry_run = true\nmetrics_port = {metrics}\n"
     want = SPAWN_WATCHERS * SPAWN_PROCS
-    circusd = start_circusd(workdir, sections)
+    saved = os.environ.get("PYTHONPATH")
+    if src is not None:  # circus hands circusd's sys.path to its plugins
+        os.environ["PYTHONPATH"] = str(src.resolve())
+    try:
+        circusd = start_circusd(workdir, sections)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+        if saved is not None:
+            os.environ["PYTHONPATH"] = saved
     try:
         proc = psutil.Process(circusd.proc.pid)
 
@@ -291,9 +323,13 @@ def spawn_once(workdir: Path, plugin: str | None) -> dict[str, Any]:
 
         done = wait_for(spawned, SPAWN_LIMIT, SPAWN_POLL)
         cpu_spawn = cpu_seconds(proc.pid)
+        plugin_proc = _plugin(proc)
+        plugin_cpu = None if plugin_proc is None else cpu_seconds(plugin_proc.pid)
         time.sleep(REST)
         cpu_rest = cpu_seconds(proc.pid) - cpu_spawn
         status = fetch_status(metrics) if plugin else None
+        core = _plugin_core(plugin_proc)
+        listing = None if plugin else _listing_cpu(circusd.endpoint, proc, cpu_rest)
     finally:
         circusd.stop()
     return {
@@ -301,19 +337,45 @@ def spawn_once(workdir: Path, plugin: str | None) -> dict[str, Any]:
         "circusd_cpu_spawn": round(cpu_spawn, 2),
         "circusd_cpu_rest_percent": round(cpu_rest / REST * 100, 2),
         "monitored": None if status is None else len(status["pids"]),
+        "plugin_core": core,
+        "plugin_cpu_spawn": None if plugin_cpu is None else round(plugin_cpu, 2),
+        "circusd_cpu_full_listing": listing,
     }
 
 
-def spawns(workdir: Path, repeats: int, log: Log) -> list[dict[str, Any]]:
-    """Every plugin setting ``repeats`` times, order rotated."""
+def _listing_cpu(endpoint: str, proc: psutil.Process, cpu_rest: float) -> float:
+    # circusd's CPU seconds for one full listing (``list``, then ``list
+    # name=W`` for each watcher: what a re-sync asks), beyond its CPU at rest.
+    client = CircusClient(endpoint=endpoint, timeout=60)
+    try:
+        start, t0 = cpu_seconds(proc.pid), time.monotonic()
+        for _ in range(LISTINGS):
+            reply = client.call({"command": "list", "properties": {}})
+            for name in reply["watchers"]:
+                client.call({"command": "list", "properties": {"name": name}})
+        elapsed = time.monotonic() - t0
+        spent = cpu_seconds(proc.pid) - start - cpu_rest / REST * elapsed
+    finally:
+        client.stop()
+    return round(spent / LISTINGS, 3)
+
+
+def spawns(
+    workdir: Path, repeats: int, log: Log, baseline: Path | None = None
+) -> list[dict[str, Any]]:
+    """Every plugin setting ``repeats`` times, order rotated; with a
+    ``baseline`` source tree, its watchdog plugin too."""
     rows = []
-    names = list(PLUGINS)
+    plugins = {name: (use, None) for name, use in PLUGINS.items()}
+    if baseline is not None:
+        plugins[BASELINE] = (PLUGINS["circus-watchdog"], baseline)
+    names = list(plugins)
     for rep in range(repeats):
         for pos in range(len(names)):
             name = names[(rep + pos) % len(names)]
             sub = workdir / f"spawn{rep}-{pos}"
             sub.mkdir()
-            row = spawn_once(sub, PLUGINS[name])
+            row = spawn_once(sub, *plugins[name])
             row.update(plugin=name, repeat=rep, position=pos)
             log(f"spawn #{rep} {name:>16}: {row}")
             rows.append(row)
@@ -357,11 +419,24 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                 if k in fl["freshness"]
             }
         out[str(n)] = cell
-    for name in PLUGINS:
-        mine = [r for r in res.get("spawn", []) if r["plugin"] == name]
+    rows = res.get("spawn", [])
+    off = {r["repeat"]: r["circusd_cpu_spawn"] for r in rows if r["plugin"] == "off"}
+    for name in [*PLUGINS, BASELINE]:
+        mine = [r for r in rows if r["plugin"] == name]
         if mine:
             keys = ("spawn_seconds", "circusd_cpu_spawn", "circusd_cpu_rest_percent")
-            out[f"spawn {name}"] = {k: spread(r[k] for r in mine) for k in keys}
+            cell = {k: spread(r[k] for r in mine) for k in keys}
+            cell["plugin_cpu_spawn"] = spread(r.get("plugin_cpu_spawn") for r in mine)
+            cell["circusd_cpu_full_listing"] = spread(
+                r.get("circusd_cpu_full_listing") for r in mine
+            )
+            # circusd's CPU to spawn with this plugin / with none, same repeat
+            cell["cpu_spawn / off"] = spread(
+                r["circusd_cpu_spawn"] / off[r["repeat"]]
+                for r in mine
+                if off.get(r["repeat"])
+            )
+            out[f"spawn {name}"] = cell
     return out
 
 
@@ -399,16 +474,26 @@ def markdown(res: dict[str, Any]) -> str:
             f"{cell.get('daemon_percent_per_1000_pids', 0):.2g} |"
         )
     spawn = [
-        "| plugin | spawn seconds | circusd CPU s by then | circusd % at rest |",
-        "|---|--:|--:|--:|",
+        "| plugin | spawn seconds | circusd CPU s by then | / off, same repeat "
+        "| the plugin's own CPU s by then | circusd % at rest |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
-    for name in PLUGINS:
+    for name in [*PLUGINS, BASELINE]:
         c = summ.get(f"spawn {name}")
         if c:
             cpu, rest = c["circusd_cpu_spawn"], c["circusd_cpu_rest_percent"]
             spawn.append(
-                f"| {name} | {_fmt(c['spawn_seconds'])} | {_fmt(cpu)} | {_fmt(rest)} |"
+                f"| {name} | {_fmt(c['spawn_seconds'])} | {_fmt(cpu)} | "
+                f"{_fmt(c['cpu_spawn / off'])} | {_fmt(c.get('plugin_cpu_spawn'))} | "
+                f"{_fmt(rest)} |"
             )
+    listing = (summ.get("spawn off") or {}).get("circusd_cpu_full_listing")
+    if listing:
+        spawn += [
+            "",
+            f"circusd CPU for one full listing of the {SPAWN_WATCHERS} x "
+            f"{SPAWN_PROCS} fleet: {_fmt(listing)} s",
+        ]
     return "\n".join([*out, "", *ratios, "", *spawn])
 
 
@@ -445,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["fleets"].append(rates(Path(tmp), n, args, log))
                 save()
             if args.spawn_repeats:
-                res["spawn"] = spawns(Path(tmp), args.spawn_repeats, log)
+                res["spawn"] = spawns(Path(tmp), args.spawn_repeats, log, args.baseline)
     finally:
         res["machine"]["loadavg_end"] = os.getloadavg()
         save()

@@ -252,7 +252,7 @@ class Config:
         "5", v.seconds, "seconds to wait for circusd to answer", metavar="SECONDS"
     )
     resync_interval: float = _opt(
-        "60",
+        "300",
         v.seconds,
         "seconds between full re-syncs of monitored pids with circusd (list)",
         metavar="SECONDS",

@@ -75,7 +75,7 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
     - **diagnostic_keep** -- files kept there (default: ``100``)
     - **diagnostic_concurrency** -- runs at once (default: ``2``)
     - **call_timeout** -- seconds to wait for circusd (default: ``5``)
-    - **resync_interval** -- seconds between full re-syncs (default: ``60``)
+    - **resync_interval** -- seconds between full re-syncs (default: ``300``)
     - **metrics_port** -- TCP port of /metrics and /status on metrics_host
       (default: off)
     - **metrics_host** -- address of the metrics server
