@@ -49,6 +49,10 @@ expired into kills, holds and pids to examine:
   hung process neither runs nor waits, and a spinning one runs: both are
   killed.  STARVED_RATIO is the margin between the two on a 2-CPU host with
   one CPU hog per CPU (docs/operations.md gives the figures measured there).
+  A window shorter than ``LONGEST_WINDOW`` in which the pid waited but ran
+  more than that is not judged yet: the pid is watched a tick more, the
+  window growing from the same first reading (a starved thread gets a slice
+  now and then, and one slice can fill a short window).
   A spinning process on a host so overloaded that it gets under
   ``1 / STARVED_RATIO`` of a CPU is held as starved, then killed at the
   bound.
@@ -83,6 +87,8 @@ Expired = Sequence[tuple[int, Late]]
 STARVED_RATIO = 8.0
 #: ... and its run-queue wait grew by this share of it (or it stayed runnable).
 STARVED_WAIT = 0.5
+#: A shorter window that shows a wait and too much running is widened, seconds.
+LONGEST_WINDOW = 0.5
 
 
 @dataclass
@@ -105,8 +111,9 @@ def at_bound(late: Late, now: float) -> bool:
 
 
 def judge(first: Sched, second: Sched, *, own_tracer: bool) -> tuple[str | None, str]:
-    """The hold reason (None: kill) for two readings of one process, and the
-    window in words; ``own_tracer``: the tracer is our diagnostic_command."""
+    """The hold reason (None: kill; "watch": widen the window first) for two
+    readings of one process, and the window in words; ``own_tracer``: the
+    tracer is our diagnostic_command."""
     window = max(second.at - first.at, 1e-9)
     ran = max(0.0, second.ran - first.ran)
     waited = max(0.0, second.waited - first.waited)
@@ -119,6 +126,8 @@ def judge(first: Sched, second: Sched, *, own_tracer: bool) -> tuple[str | None,
     waiting = waited >= STARVED_WAIT * window or (first.runnable and second.runnable)
     if ran * STARVED_RATIO <= window and waiting:
         return "starved", words
+    if waiting and window < LONGEST_WINDOW:
+        return "watch", words
     return None, words
 
 
