@@ -106,6 +106,21 @@ def test_kills_in_one_window_add_up() -> None:
     assert d.kill == [] and len(d.hold) == 2
 
 
+def test_a_dry_run_counts_a_would_be_kill_once() -> None:
+    """In a dry run the pid is re-armed, not removed: still silent a timeout
+    later, it is silent again, not silent and killed as well (CI: a 2-pid
+    fleet, one asleep and one spinning, tripped the guard so)."""
+    p = KillPolicy(T, dry_run=True)
+    assert decide(p, 10.0, [1], 1).kill == [1]
+    # pid 1 again and pid 2, a little later: 2 of 2 silent, as in a real run
+    # (1 killed, 2 silent) and under the floor: nothing held.
+    d = decide(p, 10.0 + T / 2, [1, 2], 0)
+    assert (d.kill, d.hold) == ([1, 2], [])
+    real = KillPolicy(T)
+    assert decide(real, 10.0, [1], 1).kill == [1]
+    assert decide(real, 10.0 + T / 2, [2], 0).kill == [2]
+
+
 def test_kills_age_out_when_no_storm_is_on() -> None:
     p = KillPolicy(T)
     assert decide(p, 10.0, [1, 2], 8).kill == [1, 2]

@@ -206,8 +206,11 @@ class KillPolicy:
 
     def killed(self, now: float, count: int) -> None:
         """Count ``count`` kills made at ``now`` toward the storm guard
-        (``decide`` counts its own; the engine, those made on evidence)."""
-        self._recent.extend([now] * count)
+        (``decide`` counts its own; the engine, those made on evidence).  A
+        dry run's are not counted: the pid stays monitored, and counts as
+        silent for as long as it is."""
+        if not self.dry_run:
+            self._recent.extend([now] * count)
 
     def _storm(self, now: float, silent: int, monitored: int) -> str:
         if now >= self._storm_until:  # no storm on: old kills age out
