@@ -56,6 +56,19 @@ def test_package_import_is_cheap() -> None:
     assert heavy == "[]"
 
 
+def test_circusd_importing_the_plugin_loads_nothing_else_of_ours() -> None:
+    """circusd imports ``use = circus_watchdog.plugin.WatchDog`` itself, to
+    check the name, and keeps what it imported (7 MB when the plugin module
+    imported the watchdog at its top)."""
+    added = run(
+        "import sys, circus.plugins; before = set(sys.modules); "
+        "from circus.util import resolve_name; "
+        "resolve_name('circus_watchdog.plugin.WatchDog'); "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    assert added == "['circus_watchdog', 'circus_watchdog.plugin']"
+
+
 @pytest.mark.c_extension
 def test_c_extension_preferred_by_default() -> None:
     assert run("import circus_watchdog; print(circus_watchdog.compiled)") == "True"

@@ -8,13 +8,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from circus.plugins import CircusPlugin
 
-from . import logs, runner
-from .circus_ini import plugin_options
-from .config import Config, ConfigError
+if TYPE_CHECKING:
+    from .config import Config
+
+# circusd imports this module in its own process, to check that ``use`` names
+# a class, and keeps it: the watchdog's own modules are imported in the
+# methods below, which run in the plugin's process.  At the top they cost
+# circusd about 7 MB, which every process it then forks pays for.
 
 logger = logging.getLogger("circus.watchdog")
 
@@ -108,6 +112,9 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         # circus runs this constructor outside any handler, so an exception here
         # would only reach the plugin's stderr, which circus discards.
         # Warnings wait for start() too: logging is not set up yet.
+        from .circus_ini import plugin_options  # noqa: PLC0415 - see the top
+        from .config import Config, ConfigError  # noqa: PLC0415
+
         self.watchdog_config: Config | None = None
         self.error: str | None = None
         source = f"[{config.get('name', 'plugin:' + self.name)}]"
@@ -131,6 +138,8 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
         ``REPEAT_EVERY`` seconds: a plugin that exits is respawned by circusd at
         once, and its error would scroll by unseen.
         """
+        from . import runner  # noqa: PLC0415 - see the top of this module
+
         self.running = True
         try:
             config = self._configure_logging()
@@ -149,6 +158,9 @@ class WatchDog(CircusPlugin):  # type: ignore[misc]  # circus has no type hints
 
     def _configure_logging(self) -> Config | None:
         """Log as configured and return the config; else report why, and idle."""
+        from . import logs  # noqa: PLC0415 - see the top of this module
+        from .config import Config, ConfigError  # noqa: PLC0415
+
         config = self.watchdog_config
         try:
             if config is None:
