@@ -177,23 +177,25 @@ def test_examiner_watch_then_hold_or_kill(tmp_path: Path) -> None:
     assert ex.examine(40, "web", first.reading, 2.2).verdict == "watch"
 
 
-def test_a_short_window_is_watched_until_it_is_long_enough(tmp_path: Path) -> None:
+def first_reading(tmp_path: Path) -> tuple[Path, Examiner, Sched | None]:
+    """A fake pid 40 that has neither run nor waited, and its first reading
+    (at 1.0)."""
     proc = fake_proc(tmp_path)
     fake_stat(proc, 40, cpu_ticks=0)
     fake_task(proc, 40, 40, 0, 0)
     ex = Examiner(local=True, proc=str(proc))
-    first = ex.examine(40, "web", None, 1.0).reading
+    return proc, ex, ex.examine(40, "web", None, 1.0).reading
+
+
+def test_a_short_window_is_watched_until_it_is_long_enough(tmp_path: Path) -> None:
+    _, ex, first = first_reading(tmp_path)
     found = ex.examine(40, "web", first, 1.0 + MIN_WINDOW / 2)
     assert found == ("watch", None, "", first)  # the first reading is kept
     assert ex.examine(40, "web", first, 1.0 + MIN_WINDOW).verdict == "kill"
 
 
 def test_a_window_that_shows_a_wait_is_widened_then_decided(tmp_path: Path) -> None:
-    proc = fake_proc(tmp_path)
-    fake_stat(proc, 40, cpu_ticks=0)
-    fake_task(proc, 40, 40, 0, 0)
-    ex = Examiner(local=True, proc=str(proc))
-    first = ex.examine(40, "web", None, 1.0).reading
+    proc, ex, first = first_reading(tmp_path)
     fake_task(proc, 40, 40, 20_000_000, 120_000_000)  # one slice in 0.1 s
     assert ex.examine(40, "web", first, 1.1) == ("watch", None, "", first)
     found = ex.examine(40, "web", first, 1.2)  # no more slices: starved
