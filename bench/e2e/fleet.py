@@ -12,7 +12,10 @@ out during a run) and ``--dry-run`` (nothing is ever killed).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from harness import (
 
 SLEEP = "sleep 36000"  # a real process that costs nothing
 SPAWN_LIMIT = 120.0  # seconds for circusd to start the fleet, plus 1 s per 25
+SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
+CHECK_DELAY = 5  # circusd's check_delay: circus's default, as fleets run it
 SYNC_LIMIT = 60.0  # seconds for a daemon to monitor the whole fleet
 WATCHED = r"^(fleet\d*|probe)$"
 
@@ -68,6 +73,42 @@ class Fleet:
         return Daemon(name, proc, port, tuple(flags))
 
 
+def children(pid: int, name: str | None = None) -> int:
+    """How many children ``pid`` has (running the executable ``name``).
+    Read from /proc/PID/task/*/children: psutil's ``children()`` reads the
+    stat of every process on the host, a fifth of a core once a second with
+    20,000 of them."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            kids += task.read_text().split()
+    if name is None:
+        return len(kids)
+    n = 0
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            n += Path(f"/proc/{kid}/comm").read_text().rstrip("\n") == name
+    return n
+
+
+def fleet_port(tries: int = 100) -> int:
+    """A UDP port on 127.0.0.1, free a moment ago, below the kernel's
+    ephemeral range: each fleet process's socket takes an ephemeral port at
+    its first send, and 20,000 of them hold most of that range, so a port
+    picked there (binding port 0) was often taken by the time a receiver
+    bound it."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+    low = int(ephemeral.split()[0])
+    for port in random.sample(range(low // 2, low), tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free UDP port below {low} in {tries} tries")
+
+
 def pin_threads(pid: int, cpu: int) -> None:
     """Pin every thread of ``pid`` (threads started later inherit it)."""
     for thread in psutil.Process(pid).threads():
@@ -97,12 +138,16 @@ def fleet(
         circusd_pool(workdir) as start_circusd,
         standalone_pool(workdir, show_logs=False) as start_daemon,
     ):
-        circusd = start_circusd(sections)
-
-        def whole_fleet() -> list[int] | None:
-            pids = [pid for name in names for pid in circusd.pids(name)]
-            return pids if len(pids) == procs else None
-
-        pids = circusd.wait_for(whole_fleet, SPAWN_LIMIT + procs / 25, interval=0.5)
-        [probe] = circusd.wait_for(lambda: circusd.pids("probe"), SPAWN_LIMIT)
+        circusd = start_circusd(sections, check_delay=CHECK_DELAY)
+        # Counted from /proc, not by asking circusd: its `list name=W` reads
+        # every process's status, and polling it slowed a 20,000-process
+        # spawn to a crawl.
+        circusd.wait_for(
+            lambda: children(circusd.proc.pid) >= procs + 1,
+            SPAWN_LIMIT + procs / 25,
+            interval=SPAWN_POLL,
+        )
+        pids = [pid for name in names for pid in circusd.pids(name)]
+        [probe] = circusd.pids("probe")
+        assert len(pids) == procs, f"circusd lists {len(pids)} of {procs} pids"
         yield Fleet(circusd, pids, probe, start_daemon, cpu)

@@ -53,7 +53,6 @@ from circus.client import CircusClient
 from harness import (
     fetch_status,
     free_ports,
-    free_udp_port,
     start_circusd,
     wait_for,
 )
@@ -61,7 +60,7 @@ from harness import (
 from . import matrix
 from .accounting import cpu_seconds
 from .cli import machine
-from .fleet import Daemon, Fleet, fleet
+from .fleet import SPAWN_POLL, Daemon, Fleet, children, fleet, fleet_port
 from .floors import BEAT, FLOORS, PAUSE, build
 from .receivers import (
     Counted,
@@ -80,7 +79,6 @@ RCVBUF = 8 << 20  # the daemon's default, for the original and the floors
 WARM = 1.0  # seconds a fresh daemon reads the fleet before its window
 SPAWN_WATCHERS, SPAWN_PROCS = 50, 100
 SPAWN_LIMIT = 300.0  # seconds for circusd to start the spawn fleet
-SPAWN_POLL = 1.0  # seconds between counts of circusd's children (a /proc scan)
 REST = 10.0  # seconds of circusd at rest after the spawn
 LISTINGS = 3  # full listings timed after the rest, with no plugin
 PLUGINS = {
@@ -196,7 +194,7 @@ def beat_rates(
 ) -> dict[str, Any]:
     """`rates` with a fleet of ``n`` beat processes, nothing pinned."""
     exe = build(workdir, (*FLOORS, PAUSE, BEAT))
-    port = free_udp_port()
+    port = fleet_port()
     (workdir / f"fleet{n}").mkdir()
     cmd = f"{exe[BEAT]} {port}"
     probe_cmd = str(exe[PAUSE])
@@ -315,11 +313,7 @@ def spawn_once(
         proc = psutil.Process(circusd.proc.pid)
 
         def spawned() -> float | None:
-            n = 0
-            for kid in proc.children():
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    n += kid.name() == PAUSE
-            return time.time() if n >= want else None
+            return time.time() if children(proc.pid, PAUSE) >= want else None
 
         done = wait_for(spawned, SPAWN_LIMIT, SPAWN_POLL)
         cpu_spawn = cpu_seconds(proc.pid)

@@ -38,6 +38,7 @@ class Run(Protocol):
 
 class Receiver(Protocol):
     kind: str
+    port: int  # the UDP port it reads; 0: one chosen in open()
 
     def open(self) -> Run: ...
 
