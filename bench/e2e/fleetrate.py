@@ -51,8 +51,10 @@ import psutil
 from circus.client import CircusClient
 
 from harness import (
+    fetch_metrics,
     fetch_status,
     free_ports,
+    metric,
     start_circusd,
     wait_for,
 )
@@ -96,6 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="repetitions")
     p.add_argument("--probes", type=int, default=7, help="freshness probes, 0: none")
     p.add_argument("--spawn-repeats", type=int, default=2, help="0: no spawn phase")
+    p.add_argument(
+        "--spawn-fleet",
+        choices=("pause", "beat"),
+        default="pause",
+        help="the spawn fleet's processes: silent, or beating from their start",
+    )
     p.add_argument(
         "--fleet",
         choices=("beat", "loadgen"),
@@ -285,14 +293,17 @@ def _plugin_core(plugin: psutil.Process | None) -> str | None:
 
 
 def spawn_once(
-    workdir: Path, plugin: str | None, src: Path | None = None
+    workdir: Path, plugin: str | None, src: Path | None = None, beat: bool = False
 ) -> dict[str, Any]:
     """circusd starting the spawn fleet with ``plugin`` (None: no plugin),
-    imported from the source tree ``src`` (None: this one)."""
-    exe = build(workdir, (PAUSE,))[PAUSE]
-    udp, metrics = free_ports(2)
+    imported from the source tree ``src`` (None: this one); with ``beat`` its
+    processes beat to the plugin's port from their start, as a fleet does."""
+    exe = build(workdir, (PAUSE, BEAT))
+    udp, (metrics,) = fleet_port(), free_ports(1)
+    kind = BEAT if beat else PAUSE
+    cmd = f"{exe[BEAT]} {udp}" if beat else str(exe[PAUSE])
     sections = "".join(
-        f"[watcher:w{i}]\ncmd = {exe}\nnumprocesses = {SPAWN_PROCS}\n\n"
+        f"[watcher:w{i}]\ncmd = {cmd}\nnumprocesses = {SPAWN_PROCS}\n\n"
         for i in range(SPAWN_WATCHERS)
     )
     if plugin is not None:
@@ -309,11 +320,12 @@ def spawn_once(
         os.environ.pop("PYTHONPATH", None)
         if saved is not None:
             os.environ["PYTHONPATH"] = saved
+    watchdog = plugin is not None and plugin.startswith("circus_watchdog")
     try:
         proc = psutil.Process(circusd.proc.pid)
 
         def spawned() -> float | None:
-            return time.time() if children(proc.pid, PAUSE) >= want else None
+            return time.time() if children(proc.pid, kind) >= want else None
 
         done = wait_for(spawned, SPAWN_LIMIT, SPAWN_POLL)
         cpu_spawn = cpu_seconds(proc.pid)
@@ -321,7 +333,8 @@ def spawn_once(
         plugin_cpu = None if plugin_proc is None else cpu_seconds(plugin_proc.pid)
         time.sleep(REST)
         cpu_rest = cpu_seconds(proc.pid) - cpu_spawn
-        status = fetch_status(metrics) if plugin else None
+        status = fetch_status(metrics) if watchdog else None
+        series = fetch_metrics(metrics) if watchdog else None
         core = _plugin_core(plugin_proc)
         listing = None if plugin else _listing_cpu(circusd.endpoint, proc, cpu_rest)
     finally:
@@ -331,6 +344,7 @@ def spawn_once(
         "circusd_cpu_spawn": round(cpu_spawn, 2),
         "circusd_cpu_rest_percent": round(cpu_rest / REST * 100, 2),
         "monitored": None if status is None else len(status["pids"]),
+        "resyncs": None if series is None else metric(series, "resyncs_total"),
         "plugin_core": core,
         "plugin_cpu_spawn": None if plugin_cpu is None else round(plugin_cpu, 2),
         "circusd_cpu_full_listing": listing,
@@ -355,10 +369,15 @@ def _listing_cpu(endpoint: str, proc: psutil.Process, cpu_rest: float) -> float:
 
 
 def spawns(
-    workdir: Path, repeats: int, log: Log, baseline: Path | None = None
+    workdir: Path,
+    repeats: int,
+    log: Log,
+    baseline: Path | None = None,
+    beat: bool = False,
 ) -> list[dict[str, Any]]:
     """Every plugin setting ``repeats`` times, order rotated; with a
-    ``baseline`` source tree, its watchdog plugin too."""
+    ``baseline`` source tree, its watchdog plugin too; ``beat``: see
+    `spawn_once`."""
     rows = []
     plugins = {name: (use, None) for name, use in PLUGINS.items()}
     if baseline is not None:
@@ -369,7 +388,7 @@ def spawns(
             name = names[(rep + pos) % len(names)]
             sub = workdir / f"spawn{rep}-{pos}"
             sub.mkdir()
-            row = spawn_once(sub, *plugins[name])
+            row = spawn_once(sub, *plugins[name], beat=beat)
             row.update(plugin=name, repeat=rep, position=pos)
             log(f"spawn #{rep} {name:>16}: {row}")
             rows.append(row)
@@ -421,9 +440,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             keys = ("spawn_seconds", "circusd_cpu_spawn", "circusd_cpu_rest_percent")
             cell = {k: spread(r[k] for r in mine) for k in keys}
             cell["plugin_cpu_spawn"] = spread(r.get("plugin_cpu_spawn") for r in mine)
-            cell["circusd_cpu_full_listing"] = spread(
-                r.get("circusd_cpu_full_listing") for r in mine
-            )
+            for key in ("circusd_cpu_full_listing", "resyncs"):
+                cell[key] = spread(r.get(key) for r in mine)
             # circusd's CPU to spawn with this plugin / with none, same repeat
             cell["cpu_spawn / off"] = spread(
                 r["circusd_cpu_spawn"] / off[r["repeat"]]
@@ -469,8 +487,8 @@ def markdown(res: dict[str, Any]) -> str:
         )
     spawn = [
         "| plugin | spawn seconds | circusd CPU s by then | / off, same repeat "
-        "| the plugin's own CPU s by then | circusd % at rest |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| the plugin's own CPU s by then | circusd % at rest | re-syncs |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for name in [*PLUGINS, BASELINE]:
         c = summ.get(f"spawn {name}")
@@ -479,7 +497,7 @@ def markdown(res: dict[str, Any]) -> str:
             spawn.append(
                 f"| {name} | {_fmt(c['spawn_seconds'])} | {_fmt(cpu)} | "
                 f"{_fmt(c['cpu_spawn / off'])} | {_fmt(c.get('plugin_cpu_spawn'))} | "
-                f"{_fmt(rest)} |"
+                f"{_fmt(rest)} | {_fmt(c.get('resyncs'))} |"
             )
     listing = (summ.get("spawn off") or {}).get("circusd_cpu_full_listing")
     if listing:
@@ -524,7 +542,13 @@ def main(argv: list[str] | None = None) -> int:
                 res["fleets"].append(rates(Path(tmp), n, args, log))
                 save()
             if args.spawn_repeats:
-                res["spawn"] = spawns(Path(tmp), args.spawn_repeats, log, args.baseline)
+                res["spawn"] = spawns(
+                    Path(tmp),
+                    args.spawn_repeats,
+                    log,
+                    args.baseline,
+                    args.spawn_fleet == "beat",
+                )
     finally:
         res["machine"]["loadavg_end"] = os.getloadavg()
         save()
