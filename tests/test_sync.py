@@ -8,6 +8,7 @@ from types import ModuleType
 
 import pytest
 
+from circus_watchdog import sync as sync_module
 from circus_watchdog.circusd import CircusError, Event
 from circus_watchdog.metrics import Metrics
 from circus_watchdog.registry import Registry
@@ -251,6 +252,46 @@ def test_unknown_pids_ask_for_a_rate_limited_resync(core: ModuleType) -> None:
             sync.unknown_seen()
             await asyncio.sleep(0.05)
         assert 1 <= full_listings(fake) <= 2, fake.calls
+
+    running(sync, scenario)
+
+
+def test_unknown_pids_beside_spawn_events_wait_for_them(
+    core: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # circusd starting beating processes: each may beat before its spawn
+    # event is applied.  Those reports ask no re-sync while spawns go on, up
+    # to UNKNOWN_DEFER; a pid whose event was lost is learnt once they stop.
+    monkeypatch.setattr(sync_module, "UNKNOWN_QUIET", 0.2)
+    monkeypatch.setattr(sync_module, "UNKNOWN_DEFER", 0.8)
+    monkeypatch.setattr(sync_module, "UNKNOWN_RELIST", 0.3)
+    sync, fake, _ = make(core, {"web": [10]})
+
+    async def spawning(first: int, seconds: float) -> None:
+        for i in range(int(seconds / 0.02)):  # a spawn every 20 ms
+            pid = first + i
+            fake.watchers["web"].append(pid)
+            sync.apply(Event("web", "spawn", {"process_pid": pid}))
+            sync.unknown_seen()  # it beat before that: the tick reports it
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        fake.calls.clear()
+        await spawning(100, 0.5)
+        assert full_listings(fake) == 0, fake.calls
+        fake.watchers["web"].append(11)  # its spawn event was lost
+        await asyncio.sleep(0.1)  # within UNKNOWN_QUIET of the last spawn
+        sync.unknown_seen()
+        await asyncio.sleep(0.05)
+        assert full_listings(fake) == 0, fake.calls
+        await asyncio.sleep(0.2)  # quiet: its next beat asks
+        sync.unknown_seen()
+        await settled(sync, {10, 11, *range(100, 125)})
+        assert full_listings(fake) == 1, fake.calls
+        # Spawns that never stop: a re-sync every UNKNOWN_DEFER at most.
+        fake.calls.clear()
+        await spawning(200, 1.2)
+        assert full_listings(fake) == 1, fake.calls
 
     running(sync, scenario)
 

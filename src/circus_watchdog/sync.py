@@ -22,7 +22,12 @@
   (the receiver calls `Sync.unknown_seen` when a read finds one: no polling),
   at most every ``UNKNOWN_RELIST`` seconds; while such re-syncs find nothing
   new the gap doubles, up to ``resync_interval``, so forged pids cannot make
-  circusd answer listings at any rate.
+  circusd answer listings at any rate.  A new process often beats before its
+  ``spawn`` event is applied, so within ``UNKNOWN_QUIET`` seconds of a
+  ``spawn`` event unknown pids are presumed to be such processes and ask
+  nothing, for at most ``UNKNOWN_DEFER`` seconds from the first of them:
+  circusd starting a fleet of beating processes answers a full listing every
+  ``UNKNOWN_DEFER`` seconds at most, not every ``UNKNOWN_RELIST``.
 - ``connected`` is true from a successful re-sync until circusd is lost or a
   re-sync fails: the engine kills nothing unless it is true, so nothing is
   killed on stale state.  While circusd does not answer, a warning says so at
@@ -50,6 +55,8 @@ WARN_INTERVAL = 30.0  # seconds between "circusd does not answer" warnings
 GATHER = 0.05  # seconds: watcher events this close together, one listing
 SETTLE = 0.5  # seconds: a watcher operation's watcher is listed again then
 UNKNOWN_RELIST = 2.0  # seconds: the shortest gap between unknown-pid re-syncs
+UNKNOWN_QUIET = 2.0  # seconds after a spawn event: unknown pids presumed new
+UNKNOWN_DEFER = 10.0  # seconds: the longest unknown pids are presumed new
 
 
 class Caller(Protocol):
@@ -98,6 +105,8 @@ class Sync:
         self._unknown_gap = UNKNOWN_RELIST
         self._unknown_next = 0.0  # loop time an unknown pid may ask again
         self._for_unknown = False  # the coming re-sync is for unknown pids
+        self._unknown_first: float | None = None  # first since the last re-sync
+        self._last_spawn = -math.inf  # loop time of the last spawn event
         self.relists = 0  # single-watcher listings so far
 
     # -- circusd's connection (CommandClient callbacks) ----------------------
@@ -120,7 +129,15 @@ class Sync:
 
     def unknown_seen(self) -> None:
         """A heartbeat came from a pid that is not monitored: re-sync when
-        the unknown-pid gap allows."""
+        the unknown-pid gap allows, unless a spawn event may explain it."""
+        now = self._now()
+        if self._unknown_first is None:
+            self._unknown_first = now
+        if (
+            now - self._last_spawn < UNKNOWN_QUIET
+            and now - self._unknown_first < UNKNOWN_DEFER
+        ):
+            return  # a process whose spawn event came, or is coming
         if not self._unknown:  # the first since the last re-sync: wake up
             self._unknown = True
             self._wanted.set()
@@ -244,7 +261,7 @@ class Sync:
             self._full = self._for_unknown = True
         if self._full or now >= self._next_full:
             self._next_full = now + self.resync_interval
-            self._unknown = False
+            self._unknown, self._unknown_first = False, None
             await self.resync()
         for watcher, entry in sorted(self._relists.items()):
             if entry[0] <= now:
@@ -281,6 +298,8 @@ class Sync:
             if self.registry.matches(event.watcher) and not listed:
                 self.request_relist(event.watcher)
         else:
+            if event.action == "spawn":
+                self._last_spawn = self._now()
             self.registry.apply_event(
                 event.watcher, event.action, event.data.get("process_pid"), self.clock()
             )
