@@ -196,6 +196,26 @@ def test_late_pids_leave_with_their_process(registry: Registry) -> None:
     assert registry.late_count == 0  # every timeout restarts
 
 
+def test_a_listing_does_not_restart_a_late_pid(registry: Registry) -> None:
+    # Expired, out of the table while it is examined: a listing that finds it
+    # does not add it back, which would pass for a heartbeat (CI: a hung pid
+    # held as traced had its silence restarted by an unknown-pid re-sync).
+    registry.apply_listing({"web": [10, 11]}, T0, fresh=True)
+    registry.table.beat(11, T0 + 3)
+    registry.expire(T0 + 3.5)
+    assert 10 not in registry.table and registry.late(10) is not None
+    assert registry.apply_listing({"web": [10, 11]}, T0 + 3.6, fresh=False) == 0
+    assert registry.apply_watcher("web", [10, 11], T0 + 3.7) == 0
+    assert 10 not in registry.table
+    registry.rearm(10, T0 + 3.8)
+    assert registry.resumed() == []
+    assert registry.last_heartbeat(10) == T0 + 0.5
+    # A fresh listing (a reconnection) still restarts every timeout.
+    registry.expire(T0 + 6.9)
+    registry.apply_listing({"web": [10, 11]}, T0 + 7, fresh=True)
+    assert 10 in registry.table and registry.late(10) is None
+
+
 def test_an_evidence_window_rearms_for_a_tick(registry: Registry) -> None:
     registry.apply_listing({"web": [10]}, T0, fresh=True)
     registry.expire(T0 + 3.5)

@@ -183,8 +183,16 @@ class Registry:
             del self._killed[pid]  # gone from circusd's list: nothing to guard
         learnt = 0
         for pid, watcher in found.items():
-            if pid in churn or pid in self._killing or pid in self._killed:
-                continue  # an event since `list`, or a kill, knows better
+            if (
+                pid in churn
+                or pid in self._killing
+                or pid in self._killed
+                or pid in self._late
+            ):
+                # An event since `list`, or a kill, knows better; a late pid
+                # is out of the table while it is examined, and adding it
+                # back would pass for a heartbeat and restart its silence.
+                continue
             if fresh or pid not in self.table or self.table.watcher_of(pid) != watcher:
                 learnt += pid not in self.table
                 self.table.add(pid, watcher, now)
