@@ -9,10 +9,10 @@ import shlex
 import time
 from collections.abc import Callable
 
-from circus_watchdog.sync import UNKNOWN_QUIET
+from circus_watchdog.sync import UNKNOWN_DEFER, UNKNOWN_QUIET
 from support import Circusd, Standalone, free_udp_port, metric, wait_for, wait_pids
 
-FLEET = 60  # processes circusd starts at once
+FLEET = 30  # processes circusd starts in each of two bursts
 BEAT = 0.5  # seconds between a process's heartbeats
 # bash sends its first heartbeat a few milliseconds after its exec, before
 # circusd has published the spawn event, and then one every BEAT seconds.
@@ -37,16 +37,27 @@ def test_a_spawning_fleet_asks_no_resync(
         circusd, "--loop-rate", "60", "--dry-run", "--port", str(udp), core=core_tag
     )
     wait_for(lambda: list(wd.monitored()) == first, 5)
-    before = wd.metrics()
+    # Two bursts, the second after UNKNOWN_DEFER: each is bounded on its own.
+    for total in (FLEET + 1, 2 * FLEET + 1):
+        start = time.monotonic()
+        before = wd.metrics()
+        circusd.call("incr", name="web", nb=FLEET, timeout=30)
+        want = wait_for(lambda n=total: _pids_if(circusd, n), 30)
+        wait_for(lambda want=want: set(wd.monitored()) == want, 5)
+        time.sleep(UNKNOWN_QUIET + 1.5)  # past the quiet and a tick: any ask made
+        after = wd.metrics()
+        assert set(wd.monitored()) == want, total
+        # Some first heartbeats came before their events (the case under
+        # test)...
+        unknown = metric(after, "unknown_pid_total")
+        assert unknown > metric(before, "unknown_pid_total"), total
+        # ...and none made circusd list every watcher again.
+        resyncs = metric(after, "resyncs_total")
+        assert resyncs == metric(before, "resyncs_total"), total
+        time.sleep(max(0.0, start + UNKNOWN_DEFER + 1 - time.monotonic()))
 
-    circusd.call("incr", name="web", nb=FLEET, timeout=30)
-    wait_for(lambda: len(circusd.pids("web")) == FLEET + 1, 30)
-    want = set(circusd.pids("web"))
-    wait_for(lambda: set(wd.monitored()) == want, 5)
-    time.sleep(UNKNOWN_QUIET + 1.5)  # past the quiet and a tick: any ask is made
-    after = wd.metrics()
-    assert set(wd.monitored()) == want
-    # Some first heartbeats came before their events (the case under test)...
-    assert metric(after, "unknown_pid_total") > metric(before, "unknown_pid_total")
-    # ...and none made circusd list every watcher again.
-    assert metric(after, "resyncs_total") == metric(before, "resyncs_total")
+
+def _pids_if(circusd: Circusd, n: int) -> set[int] | None:
+    """circusd's pids of web once it lists ``n``."""
+    pids = set(circusd.pids("web"))
+    return pids if len(pids) == n else None

@@ -292,6 +292,11 @@ def test_unknown_pids_beside_spawn_events_wait_for_them(
         fake.calls.clear()
         await spawning(200, 1.2)
         assert full_listings(fake) == 1, fake.calls
+        # A pause, then more spawns: the bound starts afresh, nothing asks.
+        await asyncio.sleep(0.3)
+        fake.calls.clear()
+        await spawning(300, 0.5)
+        assert full_listings(fake) == 0, fake.calls
 
     running(sync, scenario)
 

@@ -25,7 +25,8 @@
   circusd answer listings at any rate.  A new process often beats before its
   ``spawn`` event is applied, so within ``UNKNOWN_QUIET`` seconds of a
   ``spawn`` event unknown pids are presumed to be such processes and ask
-  nothing, for at most ``UNKNOWN_DEFER`` seconds from the first of them:
+  nothing, for at most ``UNKNOWN_DEFER`` seconds from the first of them (a
+  pause of ``UNKNOWN_QUIET`` in the spawns starts the bound afresh):
   circusd starting a fleet of beating processes answers a full listing every
   ``UNKNOWN_DEFER`` seconds at most, not every ``UNKNOWN_RELIST``.
 - ``connected`` is true from a successful re-sync until circusd is lost or a
@@ -299,7 +300,10 @@ class Sync:
                 self.request_relist(event.watcher)
         else:
             if event.action == "spawn":
-                self._last_spawn = self._now()
+                now = self._now()
+                if now - self._last_spawn >= UNKNOWN_QUIET:  # spawns resume:
+                    self._unknown_first = None  # the bound restarts
+                self._last_spawn = now
             self.registry.apply_event(
                 event.watcher, event.action, event.data.get("process_pid"), self.clock()
             )
